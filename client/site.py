@@ -1,0 +1,143 @@
+"""One site's round, between Flower messages and the trainer: identity, persistent privacy state, replies.
+
+The site's privacy state (budget, calibrated noise, accountant history) lives in the node's Context.state,
+which Flower keeps for the node across rounds, so epsilon is composed over the whole run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from common import messages
+from common.config import RunConfig
+from common.data import SiteData, load_site_data
+from common.data.site import load_source_for
+from common.evaluation import evaluate_model
+from common.models import build_model
+from common.privacy import SitePrivacy
+from client.trainer import train_locally
+
+PRIVACY_STATE = "carefed.site-privacy"
+SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode
+DEPLOYMENT_SITE_KEY = "site-id"  # set by a partner site with `flower-supernode --node-config "site-id=3"`
+
+
+def site_id(context: Context) -> int:
+    for key in (DEPLOYMENT_SITE_KEY, SIMULATION_SITE_KEY):
+        if key in context.node_config:
+            return int(context.node_config[key])
+    raise ValueError(f"node_config has neither '{DEPLOYMENT_SITE_KEY}' nor '{SIMULATION_SITE_KEY}'; start the "
+                     f"SuperNode with --node-config \"{DEPLOYMENT_SITE_KEY}=<n>\".")
+
+
+def is_simulated(context: Context) -> bool:
+    return SIMULATION_SITE_KEY in context.node_config
+
+
+def noise_generator(context: Context, config: RunConfig, site: int, server_round: int) -> torch.Generator:
+    """Randomness for Poisson sampling and DP noise.
+
+    Simulations seed it from the run seed so experiments reproduce. A deployed site never lets the server choose
+    its noise: it seeds from the OS (64 bits into torch's generator; Opacus's secure_mode needs torchcsprng, which
+    does not install with current torch, so this is the strongest option Opacus offers today).
+    """
+    if is_simulated(context):
+        digest = hashlib.sha256(f"{config.seed}/{site}/{server_round}".encode()).digest()
+        seed = int.from_bytes(digest[:8], "little")
+    else:
+        seed = int.from_bytes(os.urandom(8), "little")
+    return torch.Generator().manual_seed(seed)
+
+
+def model_for(config: RunConfig, data: SiteData, num_classes: int) -> torch.nn.Module:
+    channels, height, _ = data.train_x.shape[1:]
+    return build_model(config.model, in_channels=channels, num_classes=num_classes, image_size=height)
+
+
+def load_privacy(context: Context) -> SitePrivacy | None:
+    record = context.state.get(PRIVACY_STATE)
+    return SitePrivacy.from_record(dict(record)) if record is not None else None
+
+
+def save_privacy(context: Context, privacy: SitePrivacy) -> None:
+    context.state[PRIVACY_STATE] = ConfigRecord(privacy.to_record())
+
+
+def privacy_report(site: int, privacy: SitePrivacy) -> MetricRecord:
+    """What a site discloses about its privacy spend each round (all public parameters, no data)."""
+    return MetricRecord({
+        "site": site,
+        "epsilon": privacy.epsilon(),
+        "epsilon-independent": privacy.independent_epsilon(),
+        "delta": privacy.delta,
+        "budget-epsilon": privacy.target_epsilon,
+        "sample-rate": privacy.sample_rate,
+        "noise-multiplier": privacy.noise_multiplier,
+        "max-grad-norm": privacy.max_grad_norm,
+        "steps-round": privacy.steps_per_round,
+        "steps-total": privacy.steps_total,
+    })
+
+
+def train_site(content: RecordDict, context: Context) -> RecordDict:
+    """Run one round at this site: check the budget, train with DP-SGD, return the delta and the reports."""
+    config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
+    server_round = int(content[messages.ROUND]["round"])
+    site = site_id(context)
+    torch.set_num_threads(config.client_threads)
+    data = load_site_data(config, site)
+    num_classes = _num_classes(config)
+
+    privacy = None
+    if config.dp:
+        privacy = load_privacy(context) or SitePrivacy.calibrate(
+            target_epsilon=config.target_epsilon, delta=config.target_delta, num_examples=data.num_train,
+            batch_size=config.batch_size, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
+            max_grad_norm=config.max_grad_norm)
+        if not privacy.can_afford_next_round():
+            save_privacy(context, privacy)
+            reason = (f"site {site}: the next round would spend epsilon {privacy.epsilon_after_next_round():.3f} "
+                      f"> budget {privacy.target_epsilon} (spent so far {privacy.epsilon():.3f}); refusing")
+            return RecordDict({
+                messages.STATUS: ConfigRecord({"state": messages.STATE_REFUSED, "reason": reason}),
+                messages.PRIVACY_REPORT: privacy_report(site, privacy),
+            })
+
+    model = model_for(config, data, num_classes)
+    model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
+    update = train_locally(model, data, config, privacy, noise_generator(context, config, site, server_round))
+    records = RecordDict({
+        messages.STATUS: ConfigRecord({"state": messages.STATE_TRAINED, "reason": ""}),
+        messages.UPDATE: ArrayRecord(update.delta),
+        messages.TRAIN_METRICS: MetricRecord({
+            "site": site, "num-examples": update.num_examples, "train-loss": update.train_loss,
+            "steps": update.steps,
+        }),
+    })
+    if privacy is not None:
+        save_privacy(context, privacy)
+        records[messages.PRIVACY_REPORT] = privacy_report(site, privacy)
+    return records
+
+
+def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
+    """Evaluate the global model on this site's local test split (never used for training)."""
+    config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
+    site = site_id(context)
+    torch.set_num_threads(config.client_threads)
+    data = load_site_data(config, site)
+    model = model_for(config, data, _num_classes(config))
+    model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
+    loss, accuracy = evaluate_model(model, data.test_x, data.test_y)
+    return RecordDict({messages.EVAL_METRICS: MetricRecord({
+        "site": site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,
+    })})
+
+
+def _num_classes(config: RunConfig) -> int:
+    return load_source_for(config).num_classes
+

@@ -1,0 +1,186 @@
+"""The run configuration: one typed, validated view of `[tool.flwr.app.config]`.
+
+Defaults live in pyproject.toml only. Scenario files (simulations/scenarios/*.toml) and CLI flags override
+them; `RunConfig.from_mapping` checks every value once, at the edge, so the rest of the code can trust it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = PROJECT_ROOT / "pyproject.toml"
+
+PARTITIONINGS = ("iid", "dirichlet")
+MODELS = ("cnn", "resnet18")
+PRIVACY_UNITS = ("image",)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run. Field `foo_bar` is the run-config key `foo-bar`."""
+
+    num_server_rounds: int
+    num_sites: int
+    sites_per_round: int  # 0: every site that can still train
+    local_epochs: int
+    batch_size: int  # expected Poisson batch size; sampling rate q = 1 / ceil(n / batch_size)
+    learning_rate: float
+    momentum: float
+    dp: bool
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    privacy_planned_rounds: int  # rounds the noise is calibrated for; 0: num-server-rounds
+    privacy_unit: str
+    data: str  # "embedded" or a path to a MedMNIST-layout .npz
+    num_classes: int  # 0: infer from the data
+    global_test_size: int
+    partitioning: str
+    dirichlet_alpha: float
+    min_site_images: int
+    site_shift: float  # strength of the per-site scanner shift; 0 disables it
+    local_test_fraction: float
+    model: str
+    seed: int
+    output_dir: str
+    run_name: str  # "" : generated from the time and seed
+    client_threads: int
+    client_num_cpus: float
+    client_num_gpus: float
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case run-config keys, rejecting unknown keys and bad values."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(by_key))
+        if unknown:
+            raise ConfigError(
+                unknown[0], values[unknown[0]], "unknown setting",
+                f"Known settings: {', '.join(sorted(by_key))}.",
+            )
+        missing = sorted(set(by_key) - set(values))
+        if missing:
+            raise ConfigError(missing[0], None, "missing", "Set it in pyproject.toml [tool.flwr.app.config].")
+        kwargs = {f.name: _coerce(key, values[key], f.type) for key, f in by_key.items()}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case mapping Flower carries in run configs and ConfigRecords."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    @property
+    def planned_rounds(self) -> int:
+        return self.privacy_planned_rounds or self.num_server_rounds
+
+    def validate(self) -> None:
+        """Check ranges; raise ConfigError naming the key, the value and the fix."""
+        positive_ints = ("num_server_rounds", "num_sites", "local_epochs", "batch_size", "client_threads",
+                         "global_test_size", "min_site_images")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be at least 1")
+        for name in ("sites_per_round", "privacy_planned_rounds", "num_classes"):
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be 0 or more")
+        if self.sites_per_round > self.num_sites:
+            _fail("sites_per_round", self.sites_per_round, f"exceeds num-sites ({self.num_sites})")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            _fail("learning_rate", self.learning_rate, "must be a positive number")
+        if not 0 <= self.momentum < 1:
+            _fail("momentum", self.momentum, "must be in [0, 1)")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            _fail("max_grad_norm", self.max_grad_norm, "must be a positive clipping bound")
+        if self.dp:
+            if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+                _fail("target_epsilon", self.target_epsilon,
+                      "must be a positive, finite privacy budget (e.g. 1, 3 or 8); use --no-dp for a "
+                      "non-private baseline")
+            if not 0 < self.target_delta < 1:
+                _fail("target_delta", self.target_delta,
+                      "must be in (0, 1), and well below 1/(images per site), e.g. 1e-5")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            _fail("privacy_unit", self.privacy_unit, f"must be one of {PRIVACY_UNITS}")
+        if self.partitioning not in PARTITIONINGS:
+            _fail("partitioning", self.partitioning, f"must be one of {PARTITIONINGS}")
+        if self.partitioning == "dirichlet" and not self.dirichlet_alpha > 0:
+            _fail("dirichlet_alpha", self.dirichlet_alpha, "must be positive (smaller = more label skew)")
+        if not self.site_shift >= 0:
+            _fail("site_shift", self.site_shift, "must be 0 (off) or positive")
+        if not 0 < self.local_test_fraction < 1:
+            _fail("local_test_fraction", self.local_test_fraction, "must be in (0, 1)")
+        if self.model not in MODELS:
+            _fail("model", self.model, f"must be one of {MODELS}")
+        if not self.data:
+            _fail("data", self.data, "is empty")
+        if self.client_num_cpus <= 0 or self.client_num_gpus < 0:
+            _fail("client_num_cpus", self.client_num_cpus, "CPUs must be positive and GPUs non-negative")
+
+
+def _fail(name: str, value: object, problem: str) -> None:
+    raise ConfigError(name.replace("_", "-"), value, problem,
+                      "Fix the value in your scenario file, pyproject.toml or the matching CLI flag.")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """TOML and Flower hand us ints for floats and the like; accept the harmless cases only."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(key, value, f"expected {kind.__name__}, got {type(value).__name__}",
+                      "Fix the value in your scenario file, pyproject.toml or the matching CLI flag.")
+
+
+def default_values() -> dict[str, Any]:
+    """The defaults from pyproject.toml's [tool.flwr.app.config] (the one source of truth)."""
+    try:
+        with PYPROJECT.open("rb") as f:
+            return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError("pyproject.toml", str(PYPROJECT), f"cannot read [tool.flwr.app.config] ({err})",
+                          "Run CareFed from its project checkout (pip install -e .).") from err
+
+
+def load_scenario(path: Path) -> dict[str, Any]:
+    """Read a scenario TOML: run-config keys under [config]."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError as err:
+        raise ConfigError("scenario", str(path), "file not found",
+                          "Pass a TOML file, e.g. simulations/scenarios/default.toml.") from err
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError("scenario", str(path), f"not valid TOML ({err})", "Fix the file's syntax.") from err
+    config = doc.get("config")
+    if not isinstance(config, dict):
+        raise ConfigError("scenario", str(path), "has no [config] table",
+                          "Put run-config keys (as in pyproject.toml) under [config].")
+    return config
+
+
+def resolve(scenario: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """pyproject defaults, then the scenario file, then explicit overrides (CLI flags)."""
+    values = default_values()
+    if scenario is not None:
+        values.update(load_scenario(scenario))
+    values.update(overrides or {})
+    return RunConfig.from_mapping(values)

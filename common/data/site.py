@@ -1,0 +1,85 @@
+"""What one site holds: its training images (with patient ids) and a local test split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.data.partition import partition_indices
+from common.data.shift import ScannerShift
+from common.data.sources import DataSource, ImageSet, load_source
+from common.errors import DataError
+
+MAX_IMAGES_PER_PATIENT = 4  # synthetic patients for data without patient ids: 1-4 images each
+
+
+@dataclass(frozen=True)
+class SiteData:
+    site: int
+    train_x: torch.Tensor  # float32 (N, C, H, W), normalised to [-1, 1]
+    train_y: torch.Tensor  # int64 (N,)
+    train_patients: np.ndarray  # int64 (N,) patient id of each training image
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    shift: ScannerShift
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """float [0, 1] NHWC -> normalised NCHW tensor (also used for the global test set)."""
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    return torch.from_numpy((np.ascontiguousarray(images.transpose(0, 3, 1, 2)) - 0.5) / 0.5)
+
+
+def synthetic_patients(num_images: int, rng: np.random.Generator) -> np.ndarray:
+    """Group images into patients of 1..MAX_IMAGES_PER_PATIENT images (ids 0, 1, ...)."""
+    sizes = rng.integers(1, MAX_IMAGES_PER_PATIENT + 1, size=num_images)
+    return np.repeat(np.arange(num_images), sizes)[:num_images].astype(np.int64)
+
+
+def load_source_for(config: RunConfig) -> DataSource:
+    return load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
+                       num_classes=config.num_classes)
+
+
+def load_site_data(config: RunConfig, site: int) -> SiteData:
+    """Materialise one site's data: its partition, its patients, its scanner, its train/test split."""
+    if not 0 <= site < config.num_sites:
+        raise DataError(f"site {site} does not exist in a federation of {config.num_sites} sites.")
+    source = load_source_for(config)
+    parts = partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
+                              alpha=config.dirichlet_alpha, seed=config.seed,
+                              min_site_images=config.min_site_images)
+    images: ImageSet = source.train.subset(parts[site])
+    rng = np.random.default_rng([config.seed, site, 0x517E])
+    order = rng.permutation(len(images))
+    images = images.subset(order)
+    patients = synthetic_patients(len(images), rng)
+    # Split by patient so no patient has images on both sides of the local train/test split.
+    patient_ids = np.unique(patients)
+    num_test_patients = int(round(len(patient_ids) * config.local_test_fraction))
+    if num_test_patients < 1 or num_test_patients >= len(patient_ids):
+        raise DataError(
+            f"site {site} has {len(images)} images from {len(patient_ids)} patients: too few to keep a local "
+            f"test split of {config.local_test_fraction:.0%}; use fewer sites or a larger dataset."
+        )
+    test_patients = rng.choice(patient_ids, size=num_test_patients, replace=False)
+    is_test = np.isin(patients, test_patients)
+    shift = ScannerShift.for_site(site, config.seed, config.site_shift)
+    pixels = shift.apply(images.images, rng)
+    return SiteData(
+        site=site,
+        train_x=to_tensor(pixels[~is_test]),
+        train_y=torch.from_numpy(images.labels[~is_test]),
+        train_patients=patients[~is_test],
+        test_x=to_tensor(pixels[is_test]),
+        test_y=torch.from_numpy(images.labels[is_test]),
+        shift=shift,
+    )

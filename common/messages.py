@@ -1,0 +1,13 @@
+"""Names of the records CareFed's server and sites exchange (one place, so both sides agree)."""
+
+RUN_CONFIG = "run-config"  # ConfigRecord: the resolved RunConfig, kebab-case keys
+ROUND = "round"  # ConfigRecord: {"round": int}
+GLOBAL_MODEL = "global-model"  # ArrayRecord: the global model's state dict
+UPDATE = "update"  # ArrayRecord: the site's model delta (plain aggregation)
+TRAIN_METRICS = "train-metrics"  # MetricRecord: site, num-examples, train-loss, steps
+PRIVACY_REPORT = "privacy-report"  # MetricRecord: the site's privacy spend so far (see client.site)
+STATUS = "status"  # ConfigRecord: {"state": "trained" | "refused", "reason": str}
+EVAL_METRICS = "eval-metrics"  # MetricRecord: site, num-examples, loss, accuracy
+
+STATE_TRAINED = "trained"
+STATE_REFUSED = "refused"

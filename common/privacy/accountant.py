@@ -1,0 +1,131 @@
+"""A site's privacy for the whole run: calibrated once, composed over every step, never reset.
+
+Flower creates a fresh ClientApp call for every round (in simulation, on whichever Ray actor is free), so no
+Python object can live from one round to the next. What must persist is the accountant's state: Opacus's
+`accountant.state_dict()` is exactly its history of (noise_multiplier, sample_rate, steps). `SitePrivacy` holds
+that history (kept in the node's Context.state between rounds) and loads it into the round's PrivacyEngine
+before training, so the engine's accountant composes over all rounds, as one long-lived engine would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from opacus.accountants import PRVAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from common.errors import ConfigError
+from common.privacy.independent import pld_epsilon
+
+ACCOUNTANT = "prv"
+CALIBRATION_TOLERANCE = 0.01
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise (within 0.01 in epsilon) whose PRV epsilon after `steps` steps is <= target."""
+    if steps < 1 or not 0 < sample_rate <= 1:
+        raise ConfigError("privacy", f"steps={steps}, sample-rate={sample_rate}", "cannot calibrate noise",
+                          "Check local-epochs, batch-size and the site's data size.")
+    try:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                     steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=CALIBRATION_TOLERANCE)
+    except (ValueError, RuntimeError) as err:  # pragma: no cover - opacus reports unreachable targets this way
+        raise ConfigError("target-epsilon", target_epsilon, f"cannot be reached ({err})",
+                          "Use a larger epsilon or delta, fewer rounds or a smaller batch size.") from err
+    return float(sigma)
+
+
+@dataclass
+class SitePrivacy:
+    """One site's (epsilon, delta) budget, its calibrated DP-SGD parameters and its accountant history."""
+
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    max_grad_norm: float
+    planned_rounds: int
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @classmethod
+    def calibrate(cls, *, target_epsilon: float, delta: float, num_examples: int, batch_size: int,
+                  local_epochs: int, planned_rounds: int, max_grad_norm: float) -> SitePrivacy:
+        """Calibrate noise once for the whole planned run, with the sampling rate Opacus will use."""
+        batches_per_epoch = math.ceil(num_examples / batch_size)  # len(DataLoader), as Opacus sees it
+        sample_rate = 1.0 / batches_per_epoch
+        steps_per_round = local_epochs * batches_per_epoch
+        sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                           steps=steps_per_round * planned_rounds)
+        return cls(target_epsilon, delta, sigma, sample_rate, steps_per_round, max_grad_norm, planned_rounds)
+
+    @property
+    def steps_total(self) -> int:
+        return sum(steps for _, _, steps in self.history)
+
+    def accountant(self, extra_steps: int = 0) -> PRVAccountant:
+        """A PRV accountant holding the whole history (plus `extra_steps` hypothetical steps)."""
+        history = list(self.history)
+        if extra_steps:
+            history = _merge(history, (self.noise_multiplier, self.sample_rate, extra_steps))
+        accountant = PRVAccountant()
+        accountant.load_state_dict({"history": history, "mechanism": ACCOUNTANT})
+        return accountant
+
+    def epsilon(self) -> float:
+        """PRV epsilon spent so far over the whole run (0 before the first step)."""
+        return float(self.accountant().get_epsilon(self.delta)) if self.history else 0.0
+
+    def epsilon_after_next_round(self) -> float:
+        return float(self.accountant(self.steps_per_round).get_epsilon(self.delta))
+
+    def can_afford_next_round(self) -> bool:
+        return self.epsilon_after_next_round() <= self.target_epsilon
+
+    def independent_epsilon(self) -> float:
+        """The same history through dp-accounting's PLD accountant."""
+        return pld_epsilon(self.history, self.delta)
+
+    def record_steps(self, accountant_state: dict[str, Any]) -> None:
+        """Adopt the history of the round's engine accountant; it must extend ours, never rewrite it."""
+        history = [(float(s), float(q), int(n)) for s, q, n in accountant_state["history"]]
+        if not _extends(history, self.history):
+            raise RuntimeError("the accountant history shrank or was rewritten; refusing to lose privacy spend")
+        self.history = history
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat, Flower-ConfigRecord-compatible form (lists of scalars)."""
+        return {
+            "target-epsilon": self.target_epsilon, "delta": self.delta, "noise-multiplier": self.noise_multiplier,
+            "sample-rate": self.sample_rate, "steps-per-round": self.steps_per_round,
+            "max-grad-norm": self.max_grad_norm, "planned-rounds": self.planned_rounds,
+            "history-noise": [float(s) for s, _, _ in self.history],
+            "history-rate": [float(q) for _, q, _ in self.history],
+            "history-steps": [int(n) for _, _, n in self.history],
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SitePrivacy:
+        history = list(zip(record["history-noise"], record["history-rate"], record["history-steps"], strict=True))
+        return cls(float(record["target-epsilon"]), float(record["delta"]), float(record["noise-multiplier"]),
+                   float(record["sample-rate"]), int(record["steps-per-round"]), float(record["max-grad-norm"]),
+                   int(record["planned-rounds"]), [(float(s), float(q), int(n)) for s, q, n in history])
+
+
+def _merge(history: list[tuple[float, float, int]], entry: tuple[float, float, int]) -> list[tuple[float, float, int]]:
+    """Append like Opacus's accountant.step does: same (sigma, q) as the last entry extends its step count."""
+    if history and history[-1][:2] == entry[:2]:
+        return [*history[:-1], (entry[0], entry[1], history[-1][2] + entry[2])]
+    return [*history, entry]
+
+
+def _extends(new: list[tuple[float, float, int]], old: list[tuple[float, float, int]]) -> bool:
+    """True if `new` is `old` with steps appended (the last old entry may have grown)."""
+    if not old:
+        return True
+    if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
+        return False
+    grown = new[len(old) - 1]
+    return grown[:2] == old[-1][:2] and grown[2] >= old[-1][2]

@@ -1,0 +1,1 @@
+"""The study coordinator's side: CareFed's ServerApp, aggregation, and the run folder."""

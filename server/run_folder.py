@@ -1,0 +1,123 @@
+"""The run folder, runs/<run-id>/: config, metrics, privacy reports, checkpoints, final model, plots.
+
+Every file is written atomically (temp file + rename). status.json says "running" until the last artifact is
+written, then "complete" (or "failed" with the reason), so a crashed or refused run never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.errors import ConfigError
+
+STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED = "running", "complete", "failed"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(_clean(value), indent=2, default=_json_default).encode() + b"\n")
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+class RunFolder:
+    """Owns one run's folder; the only writer of it."""
+
+    def __init__(self, path: Path, config: RunConfig) -> None:
+        self.path = path
+        self.config = config
+        self.rounds: list[dict[str, Any]] = []
+        self.privacy: dict[int, list[dict[str, Any]]] = defaultdict(list)
+
+    @classmethod
+    def create(cls, config: RunConfig) -> RunFolder:
+        run_id = config.run_name or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{config.seed}"
+        path = Path(config.output_dir).expanduser().resolve() / run_id
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError as err:
+            raise ConfigError("run-name", run_id, f"the run folder {path} already exists",
+                              "Choose another run name or move the old run away; runs are never overwritten.") from err
+        folder = cls(path, config)
+        write_json(path / "config.json", config.to_mapping())
+        folder._status(STATUS_RUNNING)
+        return folder
+
+    def _status(self, state: str, **extra: Any) -> None:
+        write_json(self.path / "status.json",
+                   {"state": state, "updated": datetime.now(UTC).isoformat(timespec="seconds"), **extra})
+
+    def record_round(self, metrics: Mapping[str, Any]) -> None:
+        self.rounds.append(dict(metrics))
+        write_json(self.path / "metrics.json", {"rounds": self.rounds})
+
+    def record_privacy(self, site: int, report: Mapping[str, Any]) -> None:
+        self.privacy[site].append(dict(report))
+        write_json(self.path / "privacy" / f"site-{site:04d}.json", {"site": site, "reports": self.privacy[site]})
+
+    def checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self._save_model(self.path / "checkpoints" / f"round-{server_round:04d}.pt", server_round, state_dict)
+
+    def _save_model(self, path: Path, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            torch.save({"round": server_round, "config": self.config.to_mapping(),
+                        "state_dict": dict(state_dict)}, tmp)
+        os.replace(tmp.name, path)
+
+    def finish(self, server_round: int, state_dict: Mapping[str, torch.Tensor], stop_reason: str) -> None:
+        from server.plots import plot_accuracy, plot_epsilon
+
+        self._save_model(self.path / "model_final.pt", server_round, state_dict)
+        plots = self.path / "plots"
+        plots.mkdir(exist_ok=True)
+        plot_accuracy(self.rounds, plots / "accuracy.png")
+        plot_epsilon(self.privacy, self.config.target_epsilon if self.config.dp else None, plots / "epsilon.png")
+        self._status(STATUS_COMPLETE, rounds=server_round, stop_reason=stop_reason)
+
+    def fail(self, reason: str) -> None:
+        self._status(STATUS_FAILED, reason=reason, rounds=len(self.rounds) - 1 if self.rounds else 0)

@@ -1,0 +1,177 @@
+"""The federated training loop on Flower's Message API: sample sites, train, aggregate, evaluate, record."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import messages
+from common.config import RunConfig
+from common.data.partition import partition_indices
+from common.data.site import load_source_for, to_tensor
+from common.evaluation import evaluate_model
+from common.models import build_model
+from server.aggregation import apply_delta, weighted_mean_delta
+from server.run_folder import RunFolder
+
+NODE_WAIT_SECONDS = 120.0
+
+
+@dataclass
+class RoundOutcome:
+    trained: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    updates: list[tuple[dict[str, np.ndarray], int]] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+
+
+class FederatedTraining:
+    """One run: owns the global model, the cohort sampler and the run folder."""
+
+    def __init__(self, grid: Grid, config: RunConfig) -> None:
+        self.grid = grid
+        self.config = config
+        source = load_source_for(config)  # fails early, before any folder exists, on bad data
+        partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
+                          alpha=config.dirichlet_alpha, seed=config.seed, min_site_images=config.min_site_images)
+        channels, height, _ = source.image_shape
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, in_channels=channels, num_classes=source.num_classes,
+                                 image_size=height)
+        self.test_x, self.test_y = to_tensor(source.test.images), torch.from_numpy(source.test.labels)
+        self.rng = random.Random(config.seed)
+        self.exhausted: set[int] = set()  # node ids whose privacy budget cannot afford another round
+        self.node_site: dict[int, int] = {}
+        self.folder = RunFolder.create(config)
+
+    def run(self) -> None:
+        try:
+            last_round, reason = self._rounds()
+        except BaseException as err:
+            self.folder.fail(f"{type(err).__name__}: {err}")
+            raise
+        self.folder.finish(last_round, self.model.state_dict(), reason)
+        log(INFO, "CareFed run finished after %d round(s) (%s). Run folder: %s", last_round, reason, self.folder.path)
+
+    def _rounds(self) -> tuple[int, str]:
+        nodes = self._wait_for_nodes()
+        self._record(0, RoundOutcome(), self._evaluate_sites(nodes, 0))
+        for server_round in range(1, self.config.num_server_rounds + 1):
+            eligible = [n for n in nodes if n not in self.exhausted]
+            if not eligible:
+                reason = "no site can train within its privacy budget"
+                log(WARNING, "Stopping before round %d: %s.", server_round, reason)
+                return server_round - 1, reason
+            cohort = self._sample(eligible)
+            started = time.perf_counter()
+            outcome = self._train(server_round, cohort)
+            if outcome.updates:
+                weights = {k: v.numpy() for k, v in self.model.state_dict().items()}
+                new_weights = apply_delta(weights, weighted_mean_delta(outcome.updates))
+                self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
+            else:
+                log(WARNING, "Round %d: no site trained; the global model is unchanged.", server_round)
+            site_metrics = self._evaluate_sites(nodes, server_round)
+            self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started)
+            self.folder.checkpoint(server_round, self.model.state_dict())
+        return self.config.num_server_rounds, "all rounds done"
+
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.config.num_sites:
+                return nodes[: self.config.num_sites] if len(nodes) > self.config.num_sites else nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {self.config.num_sites} sites connected within "
+                                   f"{NODE_WAIT_SECONDS:.0f} s")
+            time.sleep(0.5)
+
+    def _sample(self, eligible: list[int]) -> list[int]:
+        size = self.config.sites_per_round or len(eligible)
+        return sorted(self.rng.sample(eligible, min(size, len(eligible))))
+
+    def _content(self, server_round: int) -> RecordDict:
+        return RecordDict({
+            messages.RUN_CONFIG: ConfigRecord(self.config.to_mapping()),
+            messages.ROUND: ConfigRecord({"round": server_round}),
+            messages.GLOBAL_MODEL: ArrayRecord(self.model.state_dict()),
+        })
+
+    def _send(self, nodes: Iterable[int], message_type: str, server_round: int) -> list[Message]:
+        content = self._content(server_round)
+        out = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+               for node in nodes]
+        return list(self.grid.send_and_receive(out))
+
+    def _train(self, server_round: int, cohort: list[int]) -> RoundOutcome:
+        outcome = RoundOutcome()
+        for reply in self._send(cohort, MessageType.TRAIN, server_round):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "Round %d: node %d failed: %s", server_round, node, reply.error.reason)
+                outcome.failed.append(node)
+                continue
+            content = reply.content
+            status = content[messages.STATUS]
+            report = content.get(messages.PRIVACY_REPORT)
+            site = int(report["site"]) if report is not None else int(content[messages.TRAIN_METRICS]["site"])
+            self.node_site[node] = site
+            if report is not None:
+                self.folder.record_privacy(site, {"round": server_round, "status": status["state"], **report})
+            if status["state"] == messages.STATE_REFUSED:
+                log(INFO, "Round %d: %s", server_round, status["reason"])
+                self.exhausted.add(node)
+                outcome.refused.append(site)
+                continue
+            metrics = content[messages.TRAIN_METRICS]
+            delta = {k: v.numpy() for k, v in content[messages.UPDATE].items()}
+            outcome.updates.append((delta, int(metrics["num-examples"])))
+            outcome.trained.append(site)
+            outcome.train_losses.append(float(metrics["train-loss"]))
+        return outcome
+
+    def _evaluate_sites(self, nodes: list[int], server_round: int) -> dict[int, float]:
+        accuracy: dict[int, float] = {}
+        for reply in self._send(nodes, MessageType.EVALUATE, server_round):
+            if reply.has_error():
+                log(WARNING, "Evaluation: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            metrics = reply.content[messages.EVAL_METRICS]
+            accuracy[int(metrics["site"])] = float(metrics["accuracy"])
+        return dict(sorted(accuracy.items()))
+
+    def _record(self, server_round: int, outcome: RoundOutcome, site_accuracy: dict[int, float],
+                seconds: float = 0.0) -> None:
+        loss, acc = evaluate_model(self.model, self.test_x, self.test_y)
+        latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
+        row: dict[str, Any] = {
+            "round": server_round,
+            "global-loss": loss,
+            "global-accuracy": acc,
+            "site-accuracy": {str(k): v for k, v in site_accuracy.items()},
+            "mean-site-accuracy": float(np.mean(list(site_accuracy.values()))) if site_accuracy else None,
+            "worst-site-accuracy": min(site_accuracy.values()) if site_accuracy else None,
+            "max-epsilon": max(latest_epsilon) if latest_epsilon else 0.0,
+            "sites-trained": sorted(outcome.trained),
+            "sites-refused": sorted(outcome.refused),
+            "nodes-failed": sorted(outcome.failed),
+            "train-loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else None,
+            "seconds": seconds,
+        }
+        self.folder.record_round(row)
+        worst = row["worst-site-accuracy"]
+        log(INFO, "round %3d | global acc %.4f | worst-site acc %s | max eps %.3f | trained %d refused %d failed %d",
+            server_round, acc, f"{worst:.4f}" if worst is not None else "n/a", row["max-epsilon"],
+            len(outcome.trained), len(outcome.refused), len(outcome.failed))

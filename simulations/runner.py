@@ -1,0 +1,67 @@
+"""Run a CareFed study in Flower's simulation engine (Ray), in this process.
+
+`flwr run .` goes through a local SuperLink; `carefed simulate` drives the same engine directly so it can validate
+input first, choose the run folder, report progress and return a proper exit code. It uses the engine entry point
+that Flower's own `flwr-simulation` process calls (`flwr.simulation.run_simulation._run_simulation`, pinned to
+flwr 1.42.0); the public `run_simulation` wrapper cannot pass a run config to the ServerApp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.data.partition import partition_indices
+from common.data.site import load_source_for, load_site_data
+
+
+def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
+    """Fail fast, before any folder is created, on data or partitions that cannot work."""
+    source = load_source_for(config)
+    partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
+                      alpha=config.dirichlet_alpha, seed=config.seed, min_site_images=config.min_site_images)
+    if check_sites:
+        for site in range(config.num_sites):
+            load_site_data(config, site)  # checks every site can keep a local test split
+
+
+def backend_config(config: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
+    init_args: dict[str, Any] = {}
+    if ray_address:
+        init_args["address"] = ray_address
+    return {
+        "client_resources": {"num_cpus": config.client_num_cpus, "num_gpus": config.client_num_gpus},
+        "init_args": init_args,
+    }
+
+
+def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose: bool = False) -> Path:
+    """Run the study; return its run folder. Raises what the ServerApp raised."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.logger import log
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_mapping())
+    log(logging.INFO, "CareFed: %d sites, %d rounds, DP %s", config.num_sites, config.num_server_rounds,
+        f"on (target epsilon {config.target_epsilon}, delta {config.target_delta})" if config.dp else "OFF")
+    result = _run_simulation(
+        num_supernodes=config.num_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config(config, ray_address),
+        server_app_context=context,
+        verbose_logging=verbose,
+    )
+    del result
+    return Path(config.output_dir).expanduser().resolve() / config.run_name
