@@ -80,7 +80,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 def _fail(code: int, message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests use the real parts: Flower's simulation engine, Opacus, files on disk."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from common.config import RunConfig, resolve  # noqa: E402
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """A RunConfig from pyproject defaults plus overrides, writing runs under tmp_path."""
+
+    def _make(**overrides: Any) -> RunConfig:
+        values = {"output-dir": str(tmp_path / "runs")}
+        values.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        return resolve(overrides=values)
+
+    return _make
+
+
+def write_medmnist_npz(path: Path, *, n_train: int = 120, n_test: int = 40, size: int = 28, channels: int = 1,
+                       num_classes: int = 3, seed: int = 0, **replace: np.ndarray) -> Path:
+    """A small file in MedMNIST's official layout (labels shaped (N, 1)); `replace` swaps or adds arrays."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", n_test), ("test", n_test)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, num_classes, size=(n, 1)).astype(np.uint8)
+    arrays.update(replace)
+    np.savez_compressed(path, **arrays)
+    return path

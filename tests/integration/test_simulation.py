@@ -1,0 +1,90 @@
+"""End to end through Flower's simulation engine (Ray), real Opacus, real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant
+
+from common.privacy import pld_epsilon
+from simulations.runner import run_simulation
+
+pytestmark = pytest.mark.slow
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _read(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / name).read_text())
+
+
+def test_three_sites_two_rounds_write_a_consistent_run_folder(make_config):
+    config = make_config(num_sites=3, num_server_rounds=2, run_name="three-sites")
+    run_dir = run_simulation(config)
+
+    assert _read(run_dir, "status.json")["state"] == "complete"
+    assert _read(run_dir, "config.json") == config.to_mapping()
+    rounds = _read(run_dir, "metrics.json")["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for row in rounds:
+        assert 0.0 <= row["global-accuracy"] <= 1.0
+        assert set(row["site-accuracy"]) == {"0", "1", "2"}
+        assert row["worst-site-accuracy"] == min(row["site-accuracy"].values())
+    assert all(sorted(r["sites-trained"]) == [0, 1, 2] for r in rounds[1:])
+    assert rounds[-1]["global-accuracy"] > rounds[0]["global-accuracy"]  # training does something
+
+    for site in range(3):
+        reports = _read(run_dir, f"privacy/site-{site:04d}.json")["reports"]
+        assert [r["round"] for r in reports] == [1, 2]
+        epsilons = [r["epsilon"] for r in reports]
+        assert epsilons == sorted(epsilons) and epsilons[0] > 0
+        assert epsilons[-1] <= config.target_epsilon
+        last = reports[-1]
+        assert last["steps-total"] == 2 * last["steps-round"]
+        # the reported epsilon is one accountant composed over both rounds, confirmed independently
+        history = [(last["noise-multiplier"], last["sample-rate"], last["steps-total"])]
+        accountant = PRVAccountant()
+        accountant.history = history
+        assert last["epsilon"] == pytest.approx(accountant.get_epsilon(last["delta"]), rel=1e-9)
+        assert pld_epsilon(history, last["delta"]) == pytest.approx(last["epsilon"], rel=0.01)
+    assert rounds[-1]["max-epsilon"] == pytest.approx(
+        max(_read(run_dir, f"privacy/site-{s:04d}.json")["reports"][-1]["epsilon"] for s in range(3)))
+
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    assert (run_dir / "model_final.pt").stat().st_size > 0
+    for plot in ("accuracy.png", "epsilon.png"):
+        assert (run_dir / "plots" / plot).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sites_refuse_rounds_beyond_their_budget_and_the_run_ends_cleanly(make_config):
+    config = make_config(num_sites=3, num_server_rounds=4, privacy_planned_rounds=1, run_name="budget")
+    run_dir = run_simulation(config)
+
+    status = _read(run_dir, "status.json")
+    assert status["state"] == "complete"
+    assert status["stop_reason"] == "no site can train within its privacy budget"
+    rounds = _read(run_dir, "metrics.json")["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert sorted(rounds[1]["sites-trained"]) == [0, 1, 2]
+    assert rounds[2]["sites-trained"] == [] and sorted(rounds[2]["sites-refused"]) == [0, 1, 2]
+    assert rounds[2]["global-accuracy"] == rounds[1]["global-accuracy"]  # model unchanged by a refused round
+    for site in range(3):
+        reports = _read(run_dir, f"privacy/site-{site:04d}.json")["reports"]
+        assert [r["status"] for r in reports] == ["trained", "refused"]
+        assert reports[1]["epsilon"] == reports[0]["epsilon"] <= config.target_epsilon
+
+
+def _carefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).parent / "carefed"
+    return subprocess.run([str(cli), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):
+    result = _carefed("simulate", "--sites", "2", "--rounds", "1", "--no-dp", "--run-name", "cli",
+                      "--output", str(tmp_path), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "complete" and summary["dp"] is False
+    assert summary["max_epsilon"] == 0.0
+    assert Path(summary["run_dir"]) == tmp_path / "cli"

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig, default_values, load_scenario, resolve
+from common.errors import ConfigError
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
+
+
+def test_pyproject_defaults_are_a_valid_config():
+    config = resolve()
+    assert config.num_sites == 10 and config.dp and config.target_epsilon > 0
+    assert RunConfig.from_mapping(config.to_mapping()) == config
+
+
+def test_overrides_win_over_scenario_and_defaults(tmp_path: Path):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[config]\nnum-sites = 4\nmodel = "resnet18"\n')
+    config = resolve(scenario, {"num-sites": 6})
+    assert config.num_sites == 6 and config.model == "resnet18"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("target-epsilon", 0.0, "'target-epsilon' = 0.0: must be a positive"),
+    ("target-epsilon", -3.0, "'target-epsilon' = -3.0"),
+    ("target-delta", 1.5, "'target-delta' = 1.5: must be in \\(0, 1\\)"),
+    ("num-sites", 0, "'num-sites' = 0: must be at least 1"),
+    ("partitioning", "random", "'partitioning' = 'random': must be one of"),
+    ("model", "vgg", "'model' = 'vgg'"),
+    ("sites-per-round", 50, "exceeds num-sites"),
+    ("num-sites", "ten", "expected int, got str"),
+    ("dp", 1, "expected bool, got int"),
+    ("num-sitez", 3, "'num-sitez' = 3: unknown setting"),
+])
+def test_bad_values_name_the_key_and_value(key: str, value: object, message: str):
+    with pytest.raises(ConfigError, match=message):
+        resolve(overrides={key: value})
+
+
+def test_no_dp_does_not_need_a_privacy_target():
+    assert not resolve(overrides={"dp": False, "target-epsilon": 0.0}).dp
+
+
+def test_missing_scenario_file_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_scenario(tmp_path / "none.toml")
+
+
+def test_scenario_without_config_table_is_refused(tmp_path: Path):
+    path = tmp_path / "bad.toml"
+    path.write_text("num-sites = 3\n")
+    with pytest.raises(ConfigError, match="no \\[config\\] table"):
+        load_scenario(path)
+
+
+def test_scenario_with_broken_toml_is_refused(tmp_path: Path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[config\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_scenario(path)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_scenarios_are_valid(scenario: Path):
+    values = default_values() | load_scenario(scenario)
+    RunConfig.from_mapping(values)

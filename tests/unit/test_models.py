@@ -1,0 +1,37 @@
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from common.errors import ConfigError
+from common.models import build_model, count_parameters
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_default_cnn_is_opacus_valid_and_small(channels: int):
+    model = build_model("cnn", in_channels=channels, num_classes=7, image_size=28)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert 50_000 < count_parameters(model) < 200_000
+    assert model(torch.zeros(3, channels, 28, 28)).shape == (3, 7)
+
+
+def test_resnet18_is_made_opacus_valid():
+    model = build_model("resnet18", in_channels=1, num_classes=10, image_size=28)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_same_seed_same_initial_weights_on_both_sides():
+    torch.manual_seed(5)
+    a = build_model("cnn", in_channels=1, num_classes=10, image_size=28).state_dict()
+    torch.manual_seed(5)
+    b = build_model("cnn", in_channels=1, num_classes=10, image_size=28).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="'model' = 'vgg'"):
+        build_model("vgg", in_channels=1, num_classes=10, image_size=28)
