@@ -12,6 +12,7 @@ import os
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from client.trainer import train_locally
 from common import messages
 from common.config import RunConfig
 from common.data import SiteData, load_site_data
@@ -19,7 +20,6 @@ from common.data.site import load_source_for
 from common.evaluation import evaluate_model
 from common.models import build_model
 from common.privacy import SitePrivacy
-from client.trainer import train_locally
 
 PRIVACY_STATE = "carefed.site-privacy"
 SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode

@@ -7,7 +7,8 @@ from torch import nn
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int = 512) -> tuple[float, float]:
     """Mean cross-entropy and accuracy; (nan, nan) on an empty set."""
     if len(labels) == 0:
         return float("nan"), float("nan")

@@ -94,8 +94,11 @@ class FederatedTraining:
             if len(nodes) >= self.config.num_sites:
                 return nodes[: self.config.num_sites] if len(nodes) > self.config.num_sites else nodes
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {self.config.num_sites} sites connected within "
-                                   f"{NODE_WAIT_SECONDS:.0f} s")
+                raise TimeoutError(
+                    f"only {len(nodes)} of num-sites={self.config.num_sites} sites connected within "
+                    f"{NODE_WAIT_SECONDS:.0f} s. With `flwr run`, pass --federation-config "
+                    f"\"num-supernodes={self.config.num_sites}\" (or set num-sites to the federation's size); "
+                    "in a deployment, check that every site's SuperNode is running.")
             time.sleep(0.5)
 
     def _sample(self, eligible: list[int]) -> list[int]:

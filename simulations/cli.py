@@ -12,7 +12,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported:
 import json  # noqa: E402
 import sys  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
-from enum import Enum  # noqa: E402
+from enum import Enum, StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
@@ -38,12 +38,12 @@ def _root() -> None:
     """CareFed: federated learning on medical images with DP-SGD sites."""
 
 
-class Partitioning(str, Enum):
+class Partitioning(StrEnum):
     iid = "iid"
     dirichlet = "dirichlet"
 
 
-class Model(str, Enum):
+class Model(StrEnum):
     cnn = "cnn"
     resnet18 = "resnet18"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.data.partition import partition_indices
-from common.data.site import load_source_for, load_site_data
+from common.data.site import load_site_data, load_source_for
 
 
 def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
