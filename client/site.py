@@ -113,9 +113,10 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     records = RecordDict({
         messages.STATUS: ConfigRecord({"state": messages.STATE_TRAINED, "reason": ""}),
         messages.UPDATE: ArrayRecord(update.delta),
+        # No training loss: it is computed on the private images without noise, so sending it would break
+        # the claim that everything a site releases is DP. The example count is public metadata (see README).
         messages.TRAIN_METRICS: MetricRecord({
-            "site": site, "num-examples": update.num_examples, "train-loss": update.train_loss,
-            "steps": update.steps,
+            "site": site, "num-examples": update.num_examples, "steps": update.steps,
         }),
     })
     if privacy is not None:

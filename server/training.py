@@ -33,7 +33,6 @@ class RoundOutcome:
     refused: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     updates: list[tuple[dict[str, np.ndarray], int]] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)
 
 
 class FederatedTraining:
@@ -142,7 +141,6 @@ class FederatedTraining:
             delta = {k: v.numpy() for k, v in content[messages.UPDATE].items()}
             outcome.updates.append((delta, int(metrics["num-examples"])))
             outcome.trained.append(site)
-            outcome.train_losses.append(float(metrics["train-loss"]))
         return outcome
 
     def _evaluate_sites(self, nodes: list[int], server_round: int) -> dict[int, float]:
@@ -170,7 +168,6 @@ class FederatedTraining:
             "sites-trained": sorted(outcome.trained),
             "sites-refused": sorted(outcome.refused),
             "nodes-failed": sorted(outcome.failed),
-            "train-loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else None,
             "seconds": seconds,
         }
         self.folder.record_round(row)

@@ -1,0 +1,234 @@
+"""The client's side of one round, one state per stage (advertise, share keys, masked input, unmask).
+
+Every method checks it is called in its stage and refuses anything off-protocol with a named AbortReason; after
+an abort the session is dead. Nothing here knows about Flower.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from common.secagg import keys, shamir
+from common.secagg.errors import AbortReason, SecAggAbort
+from common.secagg.prg import SEED_BYTES, MaskStream
+from common.secagg.protocol import ProtocolConfig, mask_sign, neighbours, session_id, threshold
+
+NONCE_BYTES = 12
+SHARE_PLAINTEXT_BYTES = 16 + 2 * shamir.SHARE_BYTES
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    node_id: int
+    c_pk: bytes  # X25519 key for encrypting shares
+    s_pk: bytes  # X25519 key for pairwise masks
+    signature: bytes = b""  # Ed25519 over (round, node, c_pk, s_pk) by the site's enrolled identity
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    b_shares: dict[int, bytes]  # owner -> share of owner's self-mask seed (owners that survived)
+    s_shares: dict[int, bytes]  # owner -> share of owner's masking private key (owners that dropped)
+
+
+class Stage(Enum):
+    ADVERTISE = auto()
+    SHARE_KEYS = auto()
+    MASKED_INPUT = auto()
+    UNMASK = auto()
+    DONE = auto()
+    ABORTED = auto()
+
+
+def share_aad(session: bytes, sender: int, receiver: int) -> bytes:
+    return session + keys.node_bytes(sender) + keys.node_bytes(receiver)
+
+
+class ClientSession:
+    def __init__(self, node_id: int, config: ProtocolConfig, identity: Ed25519PrivateKey | None = None,
+                 trusted_identities: Mapping[int, bytes] | None = None) -> None:
+        config.validate()
+        if config.require_signatures and trusted_identities is None:
+            raise ValueError("require_signatures needs the enrolled identity keys of the study's sites")
+        self.node_id = node_id
+        self.config = config
+        self.identity = identity
+        self.trusted_identities = trusted_identities or {}
+        self.stage = Stage.ADVERTISE
+        self._c_sk, self.c_pk = keys.new_key_pair()
+        self._s_sk, self.s_pk = keys.new_key_pair()
+        self._b_seed = b""
+        self.session = b""
+        self.threshold = 0
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._neighbours: frozenset[int] = frozenset()
+        self._own_shares: tuple[int, int] = (0, 0)
+        self._received: dict[int, tuple[int, int]] = {}  # sender -> (b_share, s_share) addressed to us
+        self._alive_at_masking: frozenset[int] = frozenset()
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _expect(self, stage: Stage) -> None:
+        if self.stage is not stage:
+            self._abort(AbortReason.WRONG_STAGE, f"in {self.stage.name}, asked for {stage.name}")
+
+    def _abort(self, reason: AbortReason, detail: str = "") -> None:
+        self.stage = Stage.ABORTED
+        raise SecAggAbort(reason, detail)
+
+    def _guard(self, reason: AbortReason, ok: bool, detail: str = "") -> None:
+        if not ok:
+            self._abort(reason, detail)
+
+    def expect_session(self, server_round: int, session: bytes) -> None:
+        """Messages after key sharing name the round and session; anything else is refused."""
+        self._guard(AbortReason.WRONG_SESSION, server_round == self.config.server_round and session == self.session,
+                    f"round {server_round}")
+
+    @property
+    def holders(self) -> frozenset[int]:
+        """Who holds shares of this client's secrets: its neighbours and itself."""
+        return self._neighbours | {self.node_id}
+
+    # -- stage 0 -------------------------------------------------------------------------------------------
+    def advertise_keys(self) -> Advertisement:
+        self._expect(Stage.ADVERTISE)
+        signature = b""
+        if self.identity is not None:
+            signature = keys.sign_advertisement(self.identity, self.config.server_round, self.node_id,
+                                                self.c_pk, self.s_pk)
+        self.stage = Stage.SHARE_KEYS
+        return Advertisement(self.node_id, self.c_pk, self.s_pk, signature)
+
+    # -- stage 1 -------------------------------------------------------------------------------------------
+    def share_keys(self, advertisements: Sequence[Advertisement], model_hash: bytes) -> dict[int, bytes]:
+        """Check the advertised keys, then send each neighbour its encrypted shares of our two secrets."""
+        self._expect(Stage.SHARE_KEYS)
+        try:
+            self._check_advertisements(advertisements)
+            self._keys = {ad.node_id: (ad.c_pk, ad.s_pk) for ad in advertisements}
+            self.session = session_id(self.config, self._keys, model_hash)
+            self._neighbours = neighbours(list(self._keys), self.config.graph_degree, self.session)[self.node_id]
+            self.threshold = threshold(len(self.holders), self.config.dropout_rate, self.config.colluding)
+            return self._encrypt_shares()
+        except SecAggAbort as err:
+            self._abort(err.reason, err.detail)
+            raise  # unreachable: _abort raises
+
+    def _encrypt_shares(self) -> dict[int, bytes]:
+        self._b_seed = os.urandom(SEED_BYTES)
+        holder_ids = sorted(self.holders)
+        b_shares = shamir.split(self._b_seed, self.threshold, holder_ids)
+        s_shares = shamir.split(keys.private_bytes(self._s_sk), self.threshold, holder_ids)
+        self._own_shares = (b_shares[self.node_id], s_shares[self.node_id])
+        ciphertexts = {}
+        for peer in sorted(self._neighbours):
+            key = keys.share_encryption_key(self._c_sk, self._keys[peer][0], self.session, self.node_id, peer)
+            plaintext = (keys.node_bytes(self.node_id) + keys.node_bytes(peer)
+                         + shamir.share_to_bytes(b_shares[peer]) + shamir.share_to_bytes(s_shares[peer]))
+            nonce = os.urandom(NONCE_BYTES)
+            ciphertexts[peer] = nonce + AESGCM(key).encrypt(nonce, plaintext, share_aad(self.session, self.node_id,
+                                                                                        peer))
+        self.stage = Stage.MASKED_INPUT
+        return ciphertexts
+
+    def _check_advertisements(self, advertisements: Sequence[Advertisement]) -> None:
+        ids = [ad.node_id for ad in advertisements]
+        if len(set(ids)) != len(ids):
+            raise SecAggAbort(AbortReason.DUPLICATE_ID, "in the advertised keys")
+        if len(ids) < self.config.min_cohort:
+            raise SecAggAbort(AbortReason.COHORT_TOO_SMALL, f"{len(ids)} < {self.config.min_cohort}")
+        own = [ad for ad in advertisements if ad.node_id == self.node_id]
+        if not own or (own[0].c_pk, own[0].s_pk) != (self.c_pk, self.s_pk):
+            raise SecAggAbort(AbortReason.SELF_MISSING)
+        all_keys = [k for ad in advertisements for k in (ad.c_pk, ad.s_pk)]
+        for raw in all_keys:
+            try:
+                keys.check_public_key(raw)
+            except ValueError as err:
+                raise SecAggAbort(AbortReason.BAD_KEY, str(err)) from err
+        if len(set(all_keys)) != len(all_keys):
+            raise SecAggAbort(AbortReason.DUPLICATE_KEY)
+        if self.config.require_signatures:
+            for ad in advertisements:
+                identity = self.trusted_identities.get(ad.node_id)
+                if identity is None:
+                    raise SecAggAbort(AbortReason.BAD_SIGNATURE, f"node {ad.node_id} is not an enrolled site")
+                keys.verify_advertisement(identity, ad.signature, self.config.server_round, ad.node_id,
+                                          ad.c_pk, ad.s_pk)
+
+    # -- stage 2 -------------------------------------------------------------------------------------------
+    def masked_input(self, ciphertexts: Mapping[int, bytes], alive: Sequence[int],
+                     encoded_input: np.ndarray) -> np.ndarray:
+        """y = x + PRG(b) + sum over alive neighbours v of sign(u, v) PRG(s_uv), in Z_2^32."""
+        self._expect(Stage.MASKED_INPUT)
+        alive_set = frozenset(alive)
+        self._guard(AbortReason.DUPLICATE_ID, len(alive_set) == len(alive), "in the alive list")
+        self._guard(AbortReason.UNKNOWN_ID, alive_set <= set(self._keys), "alive list names unknown clients")
+        self._guard(AbortReason.SELF_MISSING, self.node_id in alive_set, "not in the alive list")
+        alive_holders = alive_set & self.holders
+        self._guard(AbortReason.TOO_FEW_CLIENTS, len(alive_holders) >= self.threshold,
+                    f"{len(alive_holders)} alive holders < t={self.threshold}")
+        alive_neighbours = alive_set & self._neighbours
+        self._guard(AbortReason.BAD_CIPHERTEXT, set(ciphertexts) == alive_neighbours,
+                    "ciphertexts must come from exactly the alive neighbours")
+        for sender, blob in ciphertexts.items():
+            self._received[sender] = self._decrypt_share(sender, blob)
+        self._guard(AbortReason.BAD_INPUT, encoded_input.dtype == np.uint32
+                    and encoded_input.shape == (self.config.vector_length,),
+                    f"input must be uint32[{self.config.vector_length}]")
+
+        masked = encoded_input.copy()
+        stream = MaskStream(masked.size)
+        stream.add(masked, self._b_seed)
+        for peer in sorted(alive_neighbours):
+            seed = keys.pairwise_mask_seed(self._s_sk, self._keys[peer][1], self.session, self.node_id, peer)
+            (stream.add if mask_sign(self.node_id, peer) > 0 else stream.subtract)(masked, seed)
+        self._alive_at_masking = alive_set
+        self.stage = Stage.UNMASK
+        return masked
+
+    def _decrypt_share(self, sender: int, blob: bytes) -> tuple[int, int]:
+        try:
+            key = keys.share_encryption_key(self._c_sk, self._keys[sender][0], self.session, sender, self.node_id)
+            plaintext = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:],
+                                            share_aad(self.session, sender, self.node_id))
+        except (InvalidTag, ValueError, KeyError) as err:
+            self._abort(AbortReason.BAD_CIPHERTEXT, f"from node {sender}: {type(err).__name__}")
+        self._guard(AbortReason.BAD_CIPHERTEXT, len(plaintext) == SHARE_PLAINTEXT_BYTES
+                    and plaintext[:16] == keys.node_bytes(sender) + keys.node_bytes(self.node_id),
+                    f"share from node {sender} is addressed wrongly")
+        b_raw = plaintext[16 : 16 + shamir.SHARE_BYTES]
+        s_raw = plaintext[16 + shamir.SHARE_BYTES :]
+        return shamir.share_from_bytes(b_raw), shamir.share_from_bytes(s_raw)
+
+    # -- stage 3 -------------------------------------------------------------------------------------------
+    def unmask(self, alive: Sequence[int], dropped: Sequence[int]) -> UnmaskResponse:
+        """Reveal b-shares of survivors and s-shares of dropped clients: never both for one client."""
+        self._expect(Stage.UNMASK)
+        alive_set, dropped_set = frozenset(alive), frozenset(dropped)
+        self._guard(AbortReason.DUPLICATE_ID, len(alive_set) == len(alive) and len(dropped_set) == len(dropped))
+        self._guard(AbortReason.ALIVE_AND_DROPPED, not alive_set & dropped_set,
+                    f"nodes {sorted(alive_set & dropped_set)[:5]}")
+        self._guard(AbortReason.SELF_DROPPED, self.node_id not in dropped_set)
+        self._guard(AbortReason.SELF_MISSING, self.node_id in alive_set, "not in the survivor list")
+        self._guard(AbortReason.UNKNOWN_ID, (alive_set | dropped_set) <= self._alive_at_masking,
+                    "ids that were not alive when we masked")
+        alive_holders = alive_set & self.holders
+        self._guard(AbortReason.TOO_FEW_CLIENTS, len(alive_holders) >= self.threshold,
+                    f"{len(alive_holders)} surviving holders < t={self.threshold}")
+        b_shares = {owner: shamir.share_to_bytes(self._share_of(owner)[0]) for owner in sorted(alive_holders)}
+        s_shares = {owner: shamir.share_to_bytes(self._share_of(owner)[1])
+                    for owner in sorted(dropped_set & self._neighbours)}
+        self.stage = Stage.DONE
+        return UnmaskResponse(b_shares, s_shares)
+
+    def _share_of(self, owner: int) -> tuple[int, int]:
+        return self._own_shares if owner == self.node_id else self._received[owner]

@@ -1,0 +1,60 @@
+"""Fixed-point encoding of real vectors into Z_2^32 so that masked sums decode exactly.
+
+Each client's values are bounded by an explicit `value_bound` (the update's L2 clip times its weight cap); the
+scale is chosen so the sum of `cohort_size` encoded values can never overflow a signed 32-bit integer. Values
+beyond the bound are an error here, never silently clipped: the caller clips (and reports it) beforehand.
+Rounding is stochastic (unbiased), with randomness from AES-CTR under a fresh os.urandom seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.secagg.errors import AbortReason, SecAggAbort
+from common.secagg.prg import keystream_words
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    scale: float  # encoded = round(value * scale)
+    value_bound: float  # |value| <= value_bound for every coordinate of every client
+    cohort_size: int
+
+    @classmethod
+    def for_cohort(cls, value_bound: float, cohort_size: int) -> FixedPoint:
+        """The largest scale with cohort_size * (value_bound * scale + 1) <= 2^31 - 1 (no overflow, ever)."""
+        if not value_bound > 0 or cohort_size < 1:
+            raise ValueError(f"need a positive bound and cohort, got {value_bound}, {cohort_size}")
+        scale = (INT32_MAX // cohort_size - 1) / value_bound
+        if scale < 1:
+            raise ValueError(f"bound {value_bound} with {cohort_size} clients leaves no precision in 32 bits")
+        return cls(scale, value_bound, cohort_size)
+
+    @property
+    def resolution(self) -> float:
+        """Worst-case rounding error of one client's coordinate."""
+        return 1.0 / self.scale
+
+    def encode(self, values: np.ndarray, rounding_seed: bytes | None = None) -> np.ndarray:
+        """float vector -> uint32 vector (two's complement of the stochastically rounded fixed point)."""
+        values = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise SecAggAbort(AbortReason.BAD_INPUT, "update contains NaN or infinity")
+        worst = float(np.max(np.abs(values))) if values.size else 0.0
+        if worst > self.value_bound:
+            raise SecAggAbort(AbortReason.BAD_INPUT,
+                              f"|value| {worst:.6g} exceeds the declared bound {self.value_bound:.6g}")
+        scaled = values * self.scale
+        floor = np.floor(scaled)
+        uniform = keystream_words(rounding_seed or os.urandom(32), values.size) / 2.0**32
+        rounded = floor + (uniform < (scaled - floor))
+        return rounded.astype(np.int64).astype(np.uint32)
+
+    def decode_sum(self, total: np.ndarray) -> np.ndarray:
+        """Sum of encoded vectors (uint32, mod 2^32) -> sum of the real values (float64)."""
+        return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) / self.scale

@@ -1,0 +1,93 @@
+"""What both sides must agree on: the protocol config, the threshold rule, the neighbour graph, the session id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from common.secagg.errors import AbortReason, SecAggAbort
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Fixed for one round; part of the session id, so every client must hold the same one."""
+
+    server_round: int
+    vector_length: int  # uint32 words in a masked input (model parameters + 1 for the example count)
+    dropout_rate: float = 0.1  # tolerated fraction of a neighbourhood that may drop after advertising keys
+    colluding: int = 0  # clients that may collude with the server (raises the threshold)
+    min_cohort: int = 3  # never aggregate fewer clients than this
+    graph_degree: int = 0  # 0: complete graph; k: random k-regular (Harary) graph, SecAgg+
+    require_signatures: bool = False  # key advertisements must be signed by enrolled site identities
+
+    def canonical(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    def validate(self) -> None:
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout rate {self.dropout_rate} must be in [0, 1)")
+        if self.colluding < 0 or self.min_cohort < 2 or self.vector_length < 1:
+            raise ValueError("colluding >= 0, min_cohort >= 2 and vector_length >= 1 are required")
+        if self.graph_degree < 0 or self.graph_degree % 2:
+            raise ValueError(f"graph degree {self.graph_degree} must be 0 (complete) or a positive even number")
+
+
+def threshold(neighbourhood: int, dropout_rate: float, colluding: int) -> int:
+    """t = max(ceil((1 - d) n), floor((n + c) / 2) + 1), for a neighbourhood of n (self included).
+
+    The first term tolerates a fraction d of dropouts; the second makes t a majority even with c colluders, so an
+    active server cannot split the cohort into two groups that each reach t (Bell et al. 2020).
+    """
+    t = max(math.ceil((1 - dropout_rate) * neighbourhood - 1e-9), (neighbourhood + colluding) // 2 + 1)
+    if t > neighbourhood:
+        raise SecAggAbort(AbortReason.TOO_FEW_CLIENTS,
+                          f"{neighbourhood} clients cannot meet threshold {t} with {colluding} colluders")
+    return t
+
+
+def session_id(config: ProtocolConfig, keys: Mapping[int, tuple[bytes, bytes]], model_hash: bytes) -> bytes:
+    """SHA-256 over the round, every advertised (id, c_pk, s_pk) in id order, the model hash and the config."""
+    digest = hashlib.sha256(b"carefed/secagg/session/v1")
+    digest.update(struct.pack(">Q", config.server_round))
+    for node in sorted(keys):
+        c_pk, s_pk = keys[node]
+        digest.update(struct.pack(">Q", node) + c_pk + s_pk)
+    digest.update(model_hash)
+    digest.update(config.canonical())
+    return digest.digest()
+
+
+def neighbours(nodes: Sequence[int], degree: int, session: bytes) -> dict[int, frozenset[int]]:
+    """Each node's neighbours: everyone (complete graph), or a Harary graph H(k, n) over a session-derived order.
+
+    The order comes from the session id, which hashes every client's fresh keys, so the server cannot choose who
+    neighbours whom without knowing the keys in advance.
+    """
+    nodes = sorted(nodes)
+    n = len(nodes)
+    if degree == 0 or degree >= n - 1:
+        everyone = frozenset(nodes)
+        return {u: everyone - {u} for u in nodes}
+    order = sorted(nodes, key=lambda u: hashlib.sha256(session + struct.pack(">Q", u)).digest())
+    position = {u: i for i, u in enumerate(order)}
+    half = degree // 2
+    return {
+        u: frozenset(order[(position[u] + step) % n] for step in range(-half, half + 1) if step)
+        for u in nodes
+    }
+
+
+def mask_sign(owner: int, peer: int) -> int:
+    """Pairwise masks enter with + at the smaller id and - at the larger, so each pair cancels."""
+    return 1 if owner < peer else -1
+
+
+def model_digest(model_bytes: Sequence[bytes]) -> bytes:
+    digest = hashlib.sha256(b"carefed/model/v1")
+    for chunk in model_bytes:
+        digest.update(struct.pack(">Q", len(chunk)) + chunk)
+    return digest.digest()
