@@ -71,7 +71,8 @@ def test_accountant_persists_across_rounds_with_real_opacus(make_config):
     config = make_config(num_sites=8, num_server_rounds=rounds, target_epsilon=4.0)
     data = load_site_data(config, 1)
     privacy = SitePrivacy.calibrate(target_epsilon=4.0, delta=1e-5, num_examples=data.num_train,
-                                    batch_size=config.batch_size, local_epochs=1, planned_rounds=rounds,
+                                    batch_size=config.batch_size, local_epochs=config.local_epochs,
+                                    planned_rounds=rounds,
                                     max_grad_norm=1.0)
     reported = []
     for server_round in range(rounds):
