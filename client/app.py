@@ -3,11 +3,12 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client.secagg_mod import secagg_mod
 from client.site import evaluate_site, train_site
 from common.logs import tidy_logging
 
 tidy_logging()
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # secure aggregation wraps every message; plain messages pass through
 
 
 @app.train()

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from client.trainer import train_locally
 from common import messages
@@ -20,6 +21,7 @@ from common.data.site import load_source_for
 from common.evaluation import evaluate_model
 from common.models import build_model
 from common.privacy import SitePrivacy
+from common.update_codec import clip_l2, flatten, unflatten
 
 PRIVACY_STATE = "carefed.site-privacy"
 SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode
@@ -80,6 +82,7 @@ def privacy_report(site: int, privacy: SitePrivacy) -> MetricRecord:
         "max-grad-norm": privacy.max_grad_norm,
         "steps-round": privacy.steps_per_round,
         "steps-total": privacy.steps_total,
+        "next-round-affordable": int(privacy.can_afford_next_round()),
     })
 
 
@@ -110,13 +113,15 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     model = model_for(config, data, num_classes)
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
     update = train_locally(model, data, config, privacy, noise_generator(context, config, site, server_round))
+    raw_delta = _numpy(update.delta)
+    delta, clipped = clip_l2(flatten(raw_delta), config.update_clip_norm)
     records = RecordDict({
         messages.STATUS: ConfigRecord({"state": messages.STATE_TRAINED, "reason": ""}),
-        messages.UPDATE: ArrayRecord(update.delta),
+        messages.UPDATE: ArrayRecord({k: Array(v) for k, v in unflatten(delta, raw_delta).items()}),
         # No training loss: it is computed on the private images without noise, so sending it would break
         # the claim that everything a site releases is DP. The example count is public metadata (see README).
         messages.TRAIN_METRICS: MetricRecord({
-            "site": site, "num-examples": update.num_examples, "steps": update.steps,
+            "site": site, "num-examples": update.num_examples, "steps": update.steps, "update-clipped": int(clipped),
         }),
     })
     if privacy is not None:
@@ -137,6 +142,10 @@ def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
     return RecordDict({messages.EVAL_METRICS: MetricRecord({
         "site": site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,
     })})
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
 def _num_classes(config: RunConfig) -> int:

@@ -49,6 +49,14 @@ class RunConfig:
     min_site_images: int
     site_shift: float  # strength of the per-site scanner shift; 0 disables it
     local_test_fraction: float
+    update_clip_norm: float  # L2 bound on a site's model delta (post-processing; makes secure aggregation exact)
+    secagg: bool  # secure aggregation (the server learns only the sum); off only for comparison
+    secagg_dropout_rate: float  # tolerated fraction of a neighbourhood dropping after advertising keys
+    secagg_colluding: int  # clients assumed to collude with the server (raises the threshold)
+    secagg_min_cohort: int  # never aggregate fewer sites than this
+    secagg_graph_degree: int  # 0: complete graph; k (even): random k-regular SecAgg+ graph
+    secagg_max_weight: int  # cap on a site's example count (the weight); sets the fixed-point scale
+    round_timeout: float  # seconds to wait for replies to one message round
     model: str
     seed: int
     output_dir: str
@@ -126,6 +134,20 @@ class RunConfig:
             _fail("local_test_fraction", self.local_test_fraction, "must be in (0, 1)")
         if self.model not in MODELS:
             _fail("model", self.model, f"must be one of {MODELS}")
+        if not (self.update_clip_norm > 0 and math.isfinite(self.update_clip_norm)):
+            _fail("update_clip_norm", self.update_clip_norm, "must be a positive L2 bound")
+        if not 0 <= self.secagg_dropout_rate < 1:
+            _fail("secagg_dropout_rate", self.secagg_dropout_rate, "must be in [0, 1)")
+        if self.secagg_colluding < 0:
+            _fail("secagg_colluding", self.secagg_colluding, "must be 0 or more")
+        if self.secagg_min_cohort < 2:
+            _fail("secagg_min_cohort", self.secagg_min_cohort, "must be at least 2 (a sum of one is the update)")
+        if self.secagg_graph_degree < 0 or self.secagg_graph_degree % 2:
+            _fail("secagg_graph_degree", self.secagg_graph_degree, "must be 0 (complete graph) or a positive even k")
+        if self.secagg_max_weight < 1:
+            _fail("secagg_max_weight", self.secagg_max_weight, "must be at least 1")
+        if not self.round_timeout > 0:
+            _fail("round_timeout", self.round_timeout, "must be a positive number of seconds")
         if not self.data:
             _fail("data", self.data, "is empty")
         if self.client_num_cpus <= 0 or self.client_num_gpus < 0:

@@ -11,3 +11,12 @@ EVAL_METRICS = "eval-metrics"  # MetricRecord: site, num-examples, loss, accurac
 
 STATE_TRAINED = "trained"
 STATE_REFUSED = "refused"
+STATE_ABORTED = "aborted"  # secure aggregation refused a request (the reason names the AbortReason)
+
+# Secure aggregation: every stage is a `train` message with a SECAGG ConfigRecord naming the stage.
+SECAGG = "secagg"
+MASKED_UPDATE = "masked-update"  # ArrayRecord {"masked": uint32[model size + 2]}
+STAGE_ADVERTISE = "advertise-keys"
+STAGE_SHARE_KEYS = "share-keys"
+STAGE_MASKED_INPUT = "masked-input"
+STAGE_UNMASK = "unmask"

@@ -1,32 +1,50 @@
-"""FedAvg over model deltas, weighted by each site's number of training examples."""
+"""FedAvg over model deltas, weighted by each site's number of training examples.
+
+Both aggregation modes produce the same two sums, sum_k n_k * delta_k and sum_k n_k: plain mode adds the sites'
+updates here; secure aggregation hands over the unmasked sums and never sees a single update.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from common.update_codec import flatten, unflatten
 
 Weights = dict[str, np.ndarray]
 
 
-def weighted_mean_delta(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
-    """sum_k n_k * delta_k / sum_k n_k, key by key (float64 accumulation, float32 result)."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    keys = list(updates[0][0])
-    for delta, num_examples in updates:
-        if list(delta) != keys:
-            raise ValueError(f"update keys {sorted(delta)} differ from {sorted(keys)}")
+@dataclass
+class DeltaSum:
+    weighted_delta: np.ndarray | None = None  # sum_k n_k * delta_k, flat float64
+    weight: int = 0  # sum_k n_k
+    clipped: int = 0  # how many of the summed updates hit the L2 bound
+    contributors: int = 0
+    sites: list[int] = field(default_factory=list)
+
+    def add(self, delta: np.ndarray, num_examples: int, clipped: bool) -> None:
         if num_examples <= 0:
             raise ValueError(f"an update reports {num_examples} examples; weights must be positive")
-    total = float(sum(n for _, n in updates))
-    return {
-        key: (sum(np.asarray(delta[key], dtype=np.float64) * n for delta, n in updates) / total).astype(np.float32)
-        for key in keys
-    }
+        term = np.asarray(delta, dtype=np.float64) * num_examples
+        if self.weighted_delta is None:
+            self.weighted_delta = term
+        elif term.shape != self.weighted_delta.shape:
+            raise ValueError(f"update of {term.size} values, expected {self.weighted_delta.size}")
+        else:
+            self.weighted_delta += term
+        self.weight += num_examples
+        self.clipped += int(clipped)
+        self.contributors += 1
+
+    def mean(self) -> np.ndarray:
+        if self.weighted_delta is None or self.weight <= 0:
+            raise ValueError("no updates to aggregate")
+        return self.weighted_delta / self.weight
 
 
-def apply_delta(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Weights:
-    if set(weights) != set(delta):
-        raise ValueError("delta and weights have different keys")
-    return {key: (weights[key] + delta[key]).astype(weights[key].dtype) for key in weights}
+def apply_mean_delta(weights: Mapping[str, np.ndarray], mean_delta: np.ndarray) -> Weights:
+    """weights + mean delta, key by key, keeping each array's dtype."""
+    flat = flatten(weights) + mean_delta
+    return unflatten(flat, weights)

@@ -20,19 +20,23 @@ from common.config import RunConfig
 from common.data.partition import partition_indices
 from common.data.site import load_source_for, to_tensor
 from common.evaluation import evaluate_model
-from common.models import build_model
-from server.aggregation import apply_delta, weighted_mean_delta
+from common.models import build_model, count_parameters
+from common.update_codec import flatten
+from server.aggregation import DeltaSum, apply_mean_delta
 from server.run_folder import RunFolder
+from server.secagg_round import SecAggRound
 
 NODE_WAIT_SECONDS = 120.0
 
 
 @dataclass
 class RoundOutcome:
+    total: DeltaSum = field(default_factory=DeltaSum)
     trained: list[int] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
-    updates: list[tuple[dict[str, np.ndarray], int]] = field(default_factory=list)
+    secagg_aborted: str = ""
+    secagg_dropped: dict[str, list[int]] = field(default_factory=dict)
 
 
 class FederatedTraining:
@@ -72,15 +76,20 @@ class FederatedTraining:
                 reason = "no site can train within its privacy budget"
                 log(WARNING, "Stopping before round %d: %s.", server_round, reason)
                 return server_round - 1, reason
+            if self.config.secagg and len(eligible) < self.config.secagg_min_cohort:
+                reason = (f"only {len(eligible)} site(s) can still train, fewer than secagg-min-cohort="
+                          f"{self.config.secagg_min_cohort}")
+                log(WARNING, "Stopping before round %d: %s.", server_round, reason)
+                return server_round - 1, reason
             cohort = self._sample(eligible)
             started = time.perf_counter()
             outcome = self._train(server_round, cohort)
-            if outcome.updates:
+            if outcome.total.contributors:
                 weights = {k: v.numpy() for k, v in self.model.state_dict().items()}
-                new_weights = apply_delta(weights, weighted_mean_delta(outcome.updates))
+                new_weights = apply_mean_delta(weights, outcome.total.mean())
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
             else:
-                log(WARNING, "Round %d: no site trained; the global model is unchanged.", server_round)
+                log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
             site_metrics = self._evaluate_sites(nodes, server_round)
             self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started)
             self.folder.checkpoint(server_round, self.model.state_dict())
@@ -91,7 +100,7 @@ class FederatedTraining:
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= self.config.num_sites:
-                return nodes[: self.config.num_sites] if len(nodes) > self.config.num_sites else nodes
+                return nodes[: self.config.num_sites]
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"only {len(nodes)} of num-sites={self.config.num_sites} sites connected within "
@@ -115,33 +124,48 @@ class FederatedTraining:
         content = self._content(server_round)
         out = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
                for node in nodes]
-        return list(self.grid.send_and_receive(out))
+        return list(self.grid.send_and_receive(out, timeout=self.config.round_timeout))
 
     def _train(self, server_round: int, cohort: list[int]) -> RoundOutcome:
         outcome = RoundOutcome()
+        if self.config.secagg:
+            secure = SecAggRound(self.grid, self.config, server_round, self._content(server_round),
+                                 count_parameters(self.model),
+                                 lambda node, content: self._note_train_reply(server_round, node, content, outcome))
+            result = secure.run(cohort)
+            outcome.secagg_aborted, outcome.secagg_dropped = result.aborted, result.dropped
+            if not result.aborted:
+                outcome.total = result.total
+            return outcome
         for reply in self._send(cohort, MessageType.TRAIN, server_round):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "Round %d: node %d failed: %s", server_round, node, reply.error.reason)
                 outcome.failed.append(node)
                 continue
-            content = reply.content
-            status = content[messages.STATUS]
-            report = content.get(messages.PRIVACY_REPORT)
-            site = int(report["site"]) if report is not None else int(content[messages.TRAIN_METRICS]["site"])
-            self.node_site[node] = site
-            if report is not None:
-                self.folder.record_privacy(site, {"round": server_round, "status": status["state"], **report})
-            if status["state"] == messages.STATE_REFUSED:
-                log(INFO, "Round %d: %s", server_round, status["reason"])
-                self.exhausted.add(node)
-                outcome.refused.append(site)
-                continue
-            metrics = content[messages.TRAIN_METRICS]
-            delta = {k: v.numpy() for k, v in content[messages.UPDATE].items()}
-            outcome.updates.append((delta, int(metrics["num-examples"])))
-            outcome.trained.append(site)
+            if self._note_train_reply(server_round, node, reply.content, outcome):
+                metrics = reply.content[messages.TRAIN_METRICS]
+                delta = flatten({k: v.numpy() for k, v in reply.content[messages.UPDATE].items()})
+                outcome.total.add(delta, int(metrics["num-examples"]), bool(metrics["update-clipped"]))
         return outcome
+
+    def _note_train_reply(self, server_round: int, node: int, content: RecordDict, outcome: RoundOutcome) -> bool:
+        """Record the site's privacy report and status; True if it trained."""
+        status = content[messages.STATUS]
+        report = content.get(messages.PRIVACY_REPORT)
+        site = int(report["site"]) if report is not None else int(content[messages.TRAIN_METRICS]["site"])
+        self.node_site[node] = site
+        if report is not None:
+            self.folder.record_privacy(site, {"round": server_round, "status": status["state"], **report})
+            if not report["next-round-affordable"]:
+                self.exhausted.add(node)  # stop sampling it before it has to refuse
+        if status["state"] == messages.STATE_REFUSED:
+            log(INFO, "Round %d: %s", server_round, status["reason"])
+            self.exhausted.add(node)
+            outcome.refused.append(site)
+            return False
+        outcome.trained.append(site)
+        return True
 
     def _evaluate_sites(self, nodes: list[int], server_round: int) -> dict[int, float]:
         accuracy: dict[int, float] = {}
@@ -168,10 +192,15 @@ class FederatedTraining:
             "sites-trained": sorted(outcome.trained),
             "sites-refused": sorted(outcome.refused),
             "nodes-failed": sorted(outcome.failed),
+            "updates-aggregated": outcome.total.contributors,
+            "updates-clipped": outcome.total.clipped,
+            "secure-aggregation": self.config.secagg,
+            "secagg-aborted": outcome.secagg_aborted,
+            "secagg-dropped": outcome.secagg_dropped,
             "seconds": seconds,
         }
         self.folder.record_round(row)
         worst = row["worst-site-accuracy"]
-        log(INFO, "round %3d | global acc %.4f | worst-site acc %s | max eps %.3f | trained %d refused %d failed %d",
+        log(INFO, "round %3d | global acc %.4f | worst-site acc %s | max eps %.3f | aggregated %d refused %d failed %d",
             server_round, acc, f"{worst:.4f}" if worst is not None else "n/a", row["max-epsilon"],
-            len(outcome.trained), len(outcome.refused), len(outcome.failed))
+            outcome.total.contributors, len(outcome.refused), len(outcome.failed))

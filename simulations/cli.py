@@ -93,6 +93,8 @@ def simulate(
     epsilon: Annotated[float | None, typer.Option(help="Target epsilon per site for the whole run.")] = None,
     delta: Annotated[float | None, typer.Option(help="Target delta per site.")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Non-private baseline (no clipping, no noise).")] = False,
+    no_secagg: Annotated[bool, typer.Option(
+        "--no-secagg", help="Send plain updates (for comparison only: the server then sees each update).")] = False,
     data: Annotated[str | None, typer.Option(help="'embedded' or a MedMNIST-layout .npz file.")] = None,
     partitioning: Annotated[Partitioning | None, typer.Option(help="How images are split across sites.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha (smaller: more label skew).")] = None,
@@ -114,6 +116,8 @@ def simulate(
                            learning_rate=learning_rate, clip=clip)
     if no_dp:
         overrides["dp"] = False
+    if no_secagg:
+        overrides["secagg"] = False
     try:
         config = resolve(scenario, overrides)
         if not config.run_name:
@@ -155,6 +159,7 @@ def _summary(run_dir: Path, config: RunConfig) -> dict[str, Any]:
         "stop_reason": status.get("stop_reason", status.get("reason")),
         "rounds": status.get("rounds"),
         "dp": config.dp,
+        "secure_aggregation": config.secagg,
         "target_epsilon": config.target_epsilon if config.dp else None,
         "delta": config.target_delta if config.dp else None,
         "global_accuracy": last.get("global-accuracy"),

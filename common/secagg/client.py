@@ -6,6 +6,7 @@ an abort the session is dead. Nothing here knows about Flower.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -232,3 +233,48 @@ class ClientSession:
 
     def _share_of(self, owner: int) -> tuple[int, int]:
         return self._own_shares if owner == self.node_id else self._received[owner]
+
+    # -- persistence between messages -------------------------------------------------------------------------
+    def to_state(self) -> dict[str, bytes | int | str | list[bytes]]:
+        """Flat state for Flower's Context.state (the ClientApp is re-created for every message)."""
+        ids = sorted(self._keys)
+        received = sorted(self._received)
+        return {
+            "node": keys.node_bytes(self.node_id), "config": self.config.canonical().decode(),
+            "stage": self.stage.name, "c-sk": keys.private_bytes(self._c_sk), "s-sk": keys.private_bytes(self._s_sk),
+            "b-seed": self._b_seed, "session": self.session, "threshold": self.threshold,
+            "key-ids": [keys.node_bytes(u) for u in ids], "key-c": [self._keys[u][0] for u in ids],
+            "key-s": [self._keys[u][1] for u in ids],
+            "neighbours": [keys.node_bytes(u) for u in sorted(self._neighbours)],
+            "own-shares": [shamir.share_to_bytes(y) for y in self._own_shares],
+            "received-from": [keys.node_bytes(u) for u in received],
+            "received-b": [shamir.share_to_bytes(self._received[u][0]) for u in received],
+            "received-s": [shamir.share_to_bytes(self._received[u][1]) for u in received],
+            "alive-at-masking": [keys.node_bytes(u) for u in sorted(self._alive_at_masking)],
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, object], identity: Ed25519PrivateKey | None = None,
+                   trusted_identities: Mapping[int, bytes] | None = None) -> ClientSession:
+        def ids(key: str) -> list[int]:
+            return [int.from_bytes(b, "big") for b in state[key]]  # type: ignore[union-attr]
+
+        config = ProtocolConfig(**json.loads(str(state["config"])))
+        session = cls(int.from_bytes(state["node"], "big"), config, identity, trusted_identities)  # type: ignore[arg-type]
+        session.stage = Stage[str(state["stage"])]
+        session._c_sk = keys.private_from_bytes(state["c-sk"])  # type: ignore[arg-type]
+        session._s_sk = keys.private_from_bytes(state["s-sk"])  # type: ignore[arg-type]
+        session.c_pk, session.s_pk = keys.public_bytes(session._c_sk), keys.public_bytes(session._s_sk)
+        session._b_seed = bytes(state["b-seed"])  # type: ignore[arg-type]
+        session.session = bytes(state["session"])  # type: ignore[arg-type]
+        session.threshold = int(state["threshold"])  # type: ignore[arg-type]
+        session._keys = dict(zip(ids("key-ids"), zip(state["key-c"], state["key-s"], strict=True), strict=True))  # type: ignore[arg-type]
+        session._neighbours = frozenset(ids("neighbours"))
+        own = [shamir.share_from_bytes(b) for b in state["own-shares"]]  # type: ignore[union-attr]
+        session._own_shares = (own[0], own[1])
+        session._received = {
+            u: (shamir.share_from_bytes(b), shamir.share_from_bytes(s))
+            for u, b, s in zip(ids("received-from"), state["received-b"], state["received-s"], strict=True)  # type: ignore[arg-type]
+        }
+        session._alive_at_masking = frozenset(ids("alive-at-masking"))
+        return session

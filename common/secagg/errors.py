@@ -21,6 +21,7 @@ class AbortReason(StrEnum):
     ALIVE_AND_DROPPED = "a client is listed as both alive and dropped"
     BAD_CIPHERTEXT = "a share ciphertext does not decrypt or is addressed wrongly"
     BAD_INPUT = "the update does not fit the protocol (size or bound)"
+    MODEL_MISMATCH = "the global model is not the one the session was bound to"
     # server-side
     NOT_ENOUGH_SURVIVORS = "fewer than the threshold survived a stage"
     BAD_RESPONSE = "a client's response is malformed"

@@ -57,7 +57,7 @@ def test_three_sites_two_rounds_write_a_consistent_run_folder(make_config):
         assert (run_dir / "plots" / plot).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_sites_refuse_rounds_beyond_their_budget_and_the_run_ends_cleanly(make_config):
+def test_sites_that_cannot_afford_another_round_are_not_sampled_and_the_run_ends_cleanly(make_config):
     config = make_config(num_sites=3, num_server_rounds=4, privacy_planned_rounds=1, run_name="budget")
     run_dir = run_simulation(config)
 
@@ -65,14 +65,13 @@ def test_sites_refuse_rounds_beyond_their_budget_and_the_run_ends_cleanly(make_c
     assert status["state"] == "complete"
     assert status["stop_reason"] == "no site can train within its privacy budget"
     rounds = _read(run_dir, "metrics.json")["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["round"] for r in rounds] == [0, 1]
     assert sorted(rounds[1]["sites-trained"]) == [0, 1, 2]
-    assert rounds[2]["sites-trained"] == [] and sorted(rounds[2]["sites-refused"]) == [0, 1, 2]
-    assert rounds[2]["global-accuracy"] == rounds[1]["global-accuracy"]  # model unchanged by a refused round
     for site in range(3):
         reports = _read(run_dir, f"privacy/site-{site:04d}.json")["reports"]
-        assert [r["status"] for r in reports] == ["trained", "refused"]
-        assert reports[1]["epsilon"] == reports[0]["epsilon"] <= config.target_epsilon
+        assert len(reports) == 1 and reports[0]["next-round-affordable"] == 0
+        assert reports[0]["epsilon"] <= config.target_epsilon
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt"]
 
 
 def _carefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -81,10 +80,10 @@ def _carefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):
-    result = _carefed("simulate", "--sites", "2", "--rounds", "1", "--no-dp", "--run-name", "cli",
+    result = _carefed("simulate", "--sites", "3", "--rounds", "1", "--no-dp", "--run-name", "cli",
                       "--output", str(tmp_path), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert summary["status"] == "complete" and summary["dp"] is False
+    assert summary["status"] == "complete" and summary["dp"] is False and summary["secure_aggregation"] is True
     assert summary["max_epsilon"] == 0.0
     assert Path(summary["run_dir"]) == tmp_path / "cli"

@@ -1,26 +1,42 @@
 import numpy as np
 import pytest
 
-from server.aggregation import apply_delta, weighted_mean_delta
+from common.update_codec import clip_l2, flatten, unflatten
+from server.aggregation import DeltaSum, apply_mean_delta
 
 
-def test_weighted_mean_weights_by_examples():
-    a = {"w": np.array([1.0, 0.0], np.float32)}
-    b = {"w": np.array([4.0, 3.0], np.float32)}
-    mean = weighted_mean_delta([(a, 100), (b, 300)])
-    np.testing.assert_allclose(mean["w"], [3.25, 2.25])
-    assert mean["w"].dtype == np.float32
+def test_mean_is_weighted_by_examples():
+    total = DeltaSum()
+    total.add(np.array([1.0, 0.0]), 100, clipped=False)
+    total.add(np.array([4.0, 3.0]), 300, clipped=True)
+    np.testing.assert_allclose(total.mean(), [3.25, 2.25])
+    assert (total.weight, total.clipped, total.contributors) == (400, 1, 2)
 
 
-def test_apply_delta_adds_keywise():
-    out = apply_delta({"w": np.ones(3, np.float32)}, {"w": np.full(3, 0.5, np.float32)})
-    np.testing.assert_allclose(out["w"], 1.5)
+def test_apply_mean_delta_keeps_shapes_and_dtypes():
+    weights = {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    out = apply_mean_delta(weights, np.arange(7, dtype=np.float64))
+    np.testing.assert_allclose(out["a"], [[1, 2], [3, 4]])
+    np.testing.assert_allclose(out["b"], [4, 5, 6])
+    assert out["a"].dtype == np.float32 and out["b"].shape == (3,)
 
 
-def test_mismatched_updates_are_refused():
-    with pytest.raises(ValueError, match="differ"):
-        weighted_mean_delta([({"w": np.zeros(1)}, 1), ({"v": np.zeros(1)}, 1)])
+def test_flatten_round_trips_and_clip_bounds_the_norm():
+    delta = {"w": np.array([[3.0, 4.0]], np.float32), "b": np.array([0.0], np.float32)}
+    flat = flatten(delta)
+    assert np.array_equal(unflatten(flat, delta)["w"], delta["w"])
+    clipped, hit = clip_l2(flat, 1.0)
+    assert hit and np.linalg.norm(clipped) == pytest.approx(1.0)
+    same, hit = clip_l2(flat, 10.0)
+    assert not hit and np.array_equal(same, flat)
+
+
+def test_bad_updates_are_refused():
+    total = DeltaSum()
     with pytest.raises(ValueError, match="weights must be positive"):
-        weighted_mean_delta([({"w": np.zeros(1)}, 0)])
+        total.add(np.zeros(2), 0, clipped=False)
+    total.add(np.zeros(2), 1, clipped=False)
+    with pytest.raises(ValueError, match="expected 2"):
+        total.add(np.zeros(3), 1, clipped=False)
     with pytest.raises(ValueError, match="no updates"):
-        weighted_mean_delta([])
+        DeltaSum().mean()

@@ -1,0 +1,59 @@
+"""A site's round through the real ClientApp handler with a real Flower Context (no engine)."""
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from client.site import PRIVACY_STATE, load_privacy, save_privacy, train_site
+from common import messages
+from common.models import build_model
+
+
+def _content(config, server_round: int = 1) -> RecordDict:
+    return RecordDict({
+        messages.RUN_CONFIG: ConfigRecord(config.to_mapping()),
+        messages.ROUND: ConfigRecord({"round": server_round}),
+        messages.GLOBAL_MODEL: ArrayRecord(build_model("cnn", in_channels=1, num_classes=10,
+                                                       image_size=28).state_dict()),
+    })
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(),
+                   run_config={})
+
+
+def test_a_site_over_its_budget_refuses_and_sends_no_update(make_config):
+    config = make_config(num_sites=4, num_server_rounds=3, privacy_planned_rounds=1)
+    context = _context()
+    first = train_site(_content(config, 1), context)
+    assert first[messages.STATUS]["state"] == messages.STATE_TRAINED
+    assert first[messages.PRIVACY_REPORT]["next-round-affordable"] == 0
+    spent = first[messages.PRIVACY_REPORT]["epsilon"]
+
+    second = train_site(_content(config, 2), context)
+    assert second[messages.STATUS]["state"] == messages.STATE_REFUSED
+    assert "would spend epsilon" in second[messages.STATUS]["reason"]
+    assert messages.UPDATE not in second
+    assert second[messages.PRIVACY_REPORT]["epsilon"] == spent  # nothing more was spent
+    assert load_privacy(context).steps_total == first[messages.PRIVACY_REPORT]["steps-total"]
+
+
+def test_privacy_state_survives_in_context_state(make_config):
+    config = make_config(num_sites=4, num_server_rounds=2)
+    context = _context()
+    train_site(_content(config, 1), context)
+    assert PRIVACY_STATE in context.state
+    privacy = load_privacy(context)
+    save_privacy(context, privacy)
+    assert load_privacy(context) == privacy
+    report = train_site(_content(config, 2), context)[messages.PRIVACY_REPORT]
+    assert report["steps-total"] == 2 * report["steps-round"]
+
+
+def test_updates_are_clipped_to_the_declared_bound_and_flagged(make_config):
+    config = make_config(num_sites=4, num_server_rounds=1, update_clip_norm=0.5, dp=False)
+    reply = train_site(_content(config), _context())
+    delta = reply[messages.UPDATE]
+    norm = sum(float((arr.numpy().astype("float64") ** 2).sum()) for arr in delta.values()) ** 0.5
+    assert abs(norm - 0.5) < 1e-4
+    assert reply[messages.TRAIN_METRICS]["update-clipped"] == 1
+    assert "train-loss" not in reply[messages.TRAIN_METRICS]
