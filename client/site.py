@@ -37,7 +37,8 @@ def site_id(context: Context) -> int:
 
 
 def is_simulated(context: Context) -> bool:
-    return SIMULATION_SITE_KEY in context.node_config
+    """Only Flower's simulation engine sets partition-id without a site-id; deployed sites always set site-id."""
+    return SIMULATION_SITE_KEY in context.node_config and DEPLOYMENT_SITE_KEY not in context.node_config
 
 
 def noise_generator(context: Context, config: RunConfig, site: int, server_round: int) -> torch.Generator:
