@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -40,3 +42,9 @@ def write_medmnist_npz(path: Path, *, n_train: int = 120, n_test: int = 40, size
     arrays.update(replace)
     np.savez_compressed(path, **arrays)
     return path
+
+
+def carefed(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `carefed` console script, as a user would."""
+    cli = Path(sys.executable).parent / "carefed"
+    return subprocess.run([str(cli), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -1,18 +1,12 @@
 """Bad input at the CLI: a specific message, exit code 2, and no run folder."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import carefed as _carefed
 from tests.conftest import write_medmnist_npz
-
-
-def _carefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cli = Path(sys.executable).parent / "carefed"
-    return subprocess.run([str(cli), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def _broken_files(tmp: Path) -> dict[str, Path]:

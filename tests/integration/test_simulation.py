@@ -1,8 +1,6 @@
 """End to end through Flower's simulation engine (Ray), real Opacus, real files."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ from opacus.accountants import PRVAccountant
 
 from common.privacy import pld_epsilon
 from simulations.runner import run_simulation
+from tests.conftest import carefed as _carefed
 
 pytestmark = pytest.mark.slow
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,10 +72,6 @@ def test_sites_that_cannot_afford_another_round_are_not_sampled_and_the_run_ends
         assert reports[0]["epsilon"] <= config.target_epsilon
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt"]
 
-
-def _carefed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cli = Path(sys.executable).parent / "carefed"
-    return subprocess.run([str(cli), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):
