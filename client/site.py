@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +22,11 @@ from common.data.site import load_source_for
 from common.evaluation import evaluate_model
 from common.models import build_model
 from common.privacy import SitePrivacy
+from common.privacy.ledger import LedgerEntry, PrivacyLedger, history_tuple
 from common.update_codec import clip_l2, flatten, unflatten
 
 PRIVACY_STATE = "carefed.site-privacy"
+STATE_DIR_KEY = "state-dir"  # a deployed site's own folder for its ledger (node_config)
 SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode
 DEPLOYMENT_SITE_KEY = "site-id"  # set by a partner site with `flower-supernode --node-config "site-id=3"`
 
@@ -61,21 +64,53 @@ def model_for(config: RunConfig, data: SiteData, num_classes: int) -> torch.nn.M
     return build_model(config.model, in_channels=channels, num_classes=num_classes, image_size=height)
 
 
-def load_privacy(context: Context) -> SitePrivacy | None:
+def site_state_dir(context: Context, config: RunConfig, site: int) -> Path:
+    """Where the site keeps its ledger: its own folder when deployed, the run folder's sites/ when simulated."""
+    if STATE_DIR_KEY in context.node_config:
+        return Path(str(context.node_config[STATE_DIR_KEY])).expanduser()
+    return Path(config.output_dir).expanduser().resolve() / config.run_name / "sites" / f"site-{site:04d}"
+
+
+def site_ledger(context: Context, config: RunConfig, site: int) -> PrivacyLedger:
+    return PrivacyLedger(site_state_dir(context, config, site) / "ledger.sqlite")
+
+
+def load_privacy(context: Context, ledger: PrivacyLedger | None = None, run_id: str = "",
+                 site: int = -1) -> SitePrivacy | None:
+    """The site's privacy state: from Context.state, or (after a restart) from its ledger's last entry."""
     record = context.state.get(PRIVACY_STATE)
-    return SitePrivacy.from_record(dict(record)) if record is not None else None
+    if record is not None:
+        return SitePrivacy.from_record(dict(record))
+    last = ledger.last(run_id, site) if ledger is not None else None
+    if last is None:
+        return None
+    return SitePrivacy(last.budget, last.delta, last.noise_multiplier, last.sample_rate, last.steps_round,
+                       last.clip_norm, last.planned_rounds, list(last.history))
+
+
+def ledger_entry(config: RunConfig, site: int, server_round: int, privacy: SitePrivacy, epsilon: float,
+                 epsilon_independent: float, max_images_per_patient: int) -> LedgerEntry:
+    return LedgerEntry(
+        run_id=config.run_name, round=server_round, site=site, unit=config.privacy_unit,
+        sample_rate=privacy.sample_rate, noise_multiplier=privacy.noise_multiplier,
+        clip_norm=privacy.max_grad_norm, steps_round=privacy.steps_per_round, steps_total=privacy.steps_total,
+        planned_rounds=privacy.planned_rounds, delta=privacy.delta, epsilon=epsilon,
+        epsilon_independent=epsilon_independent, budget=privacy.target_epsilon,
+        max_images_per_patient=max_images_per_patient, history=history_tuple(privacy.history),
+    )
 
 
 def save_privacy(context: Context, privacy: SitePrivacy) -> None:
     context.state[PRIVACY_STATE] = ConfigRecord(privacy.to_record())
 
 
-def privacy_report(site: int, privacy: SitePrivacy) -> MetricRecord:
+def privacy_report(site: int, privacy: SitePrivacy, max_images_per_patient: int,
+                   entry: LedgerEntry | None = None) -> MetricRecord:
     """What a site discloses about its privacy spend each round (all public parameters, no data)."""
     return MetricRecord({
         "site": site,
-        "epsilon": privacy.epsilon(),
-        "epsilon-independent": privacy.independent_epsilon(),
+        "epsilon": entry.epsilon if entry else privacy.epsilon(),
+        "epsilon-independent": entry.epsilon_independent if entry else privacy.independent_epsilon(),
         "delta": privacy.delta,
         "budget-epsilon": privacy.target_epsilon,
         "sample-rate": privacy.sample_rate,
@@ -84,6 +119,11 @@ def privacy_report(site: int, privacy: SitePrivacy) -> MetricRecord:
         "steps-round": privacy.steps_per_round,
         "steps-total": privacy.steps_total,
         "next-round-affordable": int(privacy.can_afford_next_round()),
+        "planned-rounds": privacy.planned_rounds,
+        "max-images-per-patient": max_images_per_patient,
+        "history-noise": [float(s) for s, _, _ in privacy.history] or [0.0],
+        "history-rate": [float(q) for _, q, _ in privacy.history] or [0.0],
+        "history-steps": [int(n) for _, _, n in privacy.history] or [0],
     })
 
 
@@ -96,9 +136,11 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     data = load_site_data(config, site)
     num_classes = _num_classes(config)
 
-    privacy = None
+    privacy, ledger = None, None
+    max_per_patient = int(np.bincount(data.train_patients).max()) if data.num_train else 0
     if config.dp:
-        privacy = load_privacy(context) or SitePrivacy.calibrate(
+        ledger = site_ledger(context, config, site)
+        privacy = load_privacy(context, ledger, config.run_name, site) or SitePrivacy.calibrate(
             target_epsilon=config.target_epsilon, delta=config.target_delta, num_examples=data.num_train,
             batch_size=config.batch_size, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
             max_grad_norm=config.max_grad_norm)
@@ -108,7 +150,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
                       f"> budget {privacy.target_epsilon} (spent so far {privacy.epsilon():.3f}); refusing")
             return RecordDict({
                 messages.STATUS: ConfigRecord({"state": messages.STATE_REFUSED, "reason": reason}),
-                messages.PRIVACY_REPORT: privacy_report(site, privacy),
+                messages.PRIVACY_REPORT: privacy_report(site, privacy, max_per_patient),
             })
 
     model = model_for(config, data, num_classes)
@@ -125,9 +167,12 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
             "site": site, "num-examples": update.num_examples, "steps": update.steps, "update-clipped": int(clipped),
         }),
     })
-    if privacy is not None:
+    if privacy is not None and ledger is not None:
         save_privacy(context, privacy)
-        records[messages.PRIVACY_REPORT] = privacy_report(site, privacy)
+        # the round's ledger entry is committed before the update can leave the site
+        entry = ledger.append(ledger_entry(config, site, server_round, privacy, privacy.epsilon(),
+                                           privacy.independent_epsilon(), max_per_patient))
+        records[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient, entry)
     return records
 
 

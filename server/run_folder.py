@@ -21,6 +21,7 @@ import torch
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.privacy.ledger import LedgerEntry, PrivacyLedger, history_tuple
 
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED = "running", "complete", "failed"
 
@@ -60,6 +61,28 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(_clean(value), indent=2, default=_json_default).encode() + b"\n")
 
 
+def with_run_name(config: RunConfig) -> RunConfig:
+    """Give an unnamed run its id (UTC time and seed) before anything is sent to the sites."""
+    return config if config.run_name else config.replace(
+        run_name=f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{config.seed}")
+
+
+def ledger_entry_from_report(config: RunConfig, site: int, report: Mapping[str, Any]) -> LedgerEntry:
+    """The run ledger's copy of what a site reported for a round."""
+    steps = [int(n) for n in report["history-steps"]]
+    history = history_tuple(zip(report["history-noise"], report["history-rate"], steps, strict=True))
+    return LedgerEntry(
+        run_id=config.run_name, round=int(report["round"]), site=site, unit=config.privacy_unit,
+        sample_rate=float(report["sample-rate"]), noise_multiplier=float(report["noise-multiplier"]),
+        clip_norm=float(report["max-grad-norm"]), steps_round=int(report["steps-round"]),
+        steps_total=int(report["steps-total"]), planned_rounds=int(report["planned-rounds"]),
+        delta=float(report["delta"]), epsilon=float(report["epsilon"]),
+        epsilon_independent=float(report["epsilon-independent"]), budget=float(report["budget-epsilon"]),
+        max_images_per_patient=int(report["max-images-per-patient"]),
+        history=tuple(h for h in history if h[2] > 0),
+    )
+
+
 def read_status(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "status.json").read_text())
 
@@ -70,12 +93,14 @@ class RunFolder:
     def __init__(self, path: Path, config: RunConfig) -> None:
         self.path = path
         self.config = config
+        self.ledger: PrivacyLedger | None = None
         self.rounds: list[dict[str, Any]] = []
         self.privacy: dict[int, list[dict[str, Any]]] = defaultdict(list)
 
     @classmethod
     def create(cls, config: RunConfig) -> RunFolder:
-        run_id = config.run_name or f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{config.seed}"
+        """Make runs/<run-name>/ (never reusing one); config.run_name must be set (see `with_run_name`)."""
+        run_id = config.run_name
         path = Path(config.output_dir).expanduser().resolve() / run_id
         try:
             path.mkdir(parents=True, exist_ok=False)
@@ -83,6 +108,7 @@ class RunFolder:
             raise ConfigError("run-name", run_id, f"the run folder {path} already exists",
                               "Choose another run name or move the old run away; runs are never overwritten.") from err
         folder = cls(path, config)
+        folder.ledger = PrivacyLedger(path / "ledger.sqlite")
         write_json(path / "config.json", config.to_mapping())
         folder._status(STATUS_RUNNING)
         return folder
@@ -96,8 +122,11 @@ class RunFolder:
         write_json(self.path / "metrics.json", {"rounds": self.rounds})
 
     def record_privacy(self, site: int, report: Mapping[str, Any]) -> None:
+        """Keep a site's report: in privacy/site-NNNN.json and, for rounds it trained, in the run ledger."""
         self.privacy[site].append(dict(report))
         write_json(self.path / "privacy" / f"site-{site:04d}.json", {"site": site, "reports": self.privacy[site]})
+        if self.ledger is not None and report["status"] == "trained":
+            self.ledger.append(ledger_entry_from_report(self.config, site, report))
 
     def checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
         self._save_model(self.path / "checkpoints" / f"round-{server_round:04d}.pt", server_round, state_dict)

@@ -23,7 +23,7 @@ from common.evaluation import evaluate_model
 from common.models import build_model, count_parameters
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, apply_mean_delta
-from server.run_folder import RunFolder
+from server.run_folder import RunFolder, with_run_name
 from server.secagg_round import SecAggRound
 
 NODE_WAIT_SECONDS = 120.0
@@ -44,7 +44,7 @@ class FederatedTraining:
 
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid = grid
-        self.config = config
+        self.config = config = with_run_name(config)
         source = load_source_for(config)  # fails early, before any folder exists, on bad data
         partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
                           alpha=config.dirichlet_alpha, seed=config.seed, min_site_images=config.min_site_images)

@@ -11,7 +11,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported:
 
 import json  # noqa: E402
 import sys  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
 from enum import Enum, StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
@@ -22,6 +21,7 @@ from rich.table import Table  # noqa: E402
 
 from common.config import RunConfig, resolve  # noqa: E402
 from common.errors import CareFedError  # noqa: E402
+from server.run_folder import with_run_name  # noqa: E402
 
 app = typer.Typer(
     name="carefed",
@@ -119,9 +119,7 @@ def simulate(
     if no_secagg:
         overrides["secagg"] = False
     try:
-        config = resolve(scenario, overrides)
-        if not config.run_name:
-            config = config.replace(run_name=f"{datetime.now(UTC):%Y%m%d-%H%M%S}-seed{config.seed}")
+        config = with_run_name(resolve(scenario, overrides))
         run_dir = Path(config.output_dir).expanduser().resolve() / config.run_name
         if run_dir.exists():
             raise _fail(2, f"run folder {run_dir} already exists; choose another --run-name (runs are never "
@@ -173,6 +171,79 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for key, value in summary.items():
         table.add_row(key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+AUDIT_EPILOG = """\
+Examples:
+
+  carefed audit runs/20261126-101500-seed42                 # the study: run ledger + every site ledger
+
+  carefed audit runs/20261126-101500-seed42 --json          # machine-readable
+
+  carefed audit /srv/carefed/site-3 --site                  # a hospital audits its own ledger
+
+Exit codes: 0 every check passed, 1 a check failed (printed), 2 bad input.
+"""
+
+
+@app.command(epilog=AUDIT_EPILOG)
+def audit(
+    path: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>/), or with --site a site's ledger.")],
+    site: Annotated[bool, typer.Option("--site", help="PATH is one site's ledger.sqlite or state folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the audit as JSON on stdout.")] = False,
+) -> None:
+    """Verify the privacy ledgers, recompute every epsilon independently, flag overruns and tampering."""
+    from common.privacy.audit import audit_run, audit_site
+    from common.privacy.ledger import LedgerError
+
+    if not path.exists():
+        raise _fail(2, f"{path} does not exist; pass a run folder (runs/<run-id>/) or, with --site, a site ledger")
+    try:
+        with console.status("Verifying ledgers and recomputing epsilon..."):
+            report = audit_site(path) if site else audit_run(path)
+    except (FileNotFoundError, LedgerError) as err:
+        raise _fail(2, str(err)) from None
+    if as_json:
+        print(json.dumps(_clean_json(report.to_json()), indent=2))
+    else:
+        _print_audit(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _clean_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    return value
+
+
+def _print_audit(report: Any) -> None:
+    out = Console(width=max(Console().width, 110))
+    rows = [r for r in report.rows if r.source == "run"] or report.rows
+    table = Table(title=f"Privacy spent per round and site, over the whole run so far ({rows[0].source} ledger)"
+                  if rows else "No ledger entries")
+    for column in ("round", "site", "unit", "delta", "eps PRV (logged)", "eps PLD (recomputed)",
+                   "eps patient (k imgs)", "budget", "q", "sigma", "steps", "flags"):
+        table.add_column(column, justify="left" if column in ("unit", "flags") else "right")
+    for row in rows:
+        patient = "-" if row.epsilon_patient is None else f"{row.epsilon_patient:.2f} ({row.images_per_patient})"
+        table.add_row(str(row.round), str(row.site), row.unit, f"{row.delta:g}", f"{row.epsilon_logged:.3f}",
+                      f"{row.epsilon_recomputed:.3f}", patient, f"{row.budget:g}", f"{row.sample_rate:.4f}",
+                      f"{row.noise_multiplier:.3f}", str(row.steps_total), ",".join(row.flags) or "ok")
+    out.print(table)
+    for ledger in report.ledgers:
+        state = "[green]chain ok[/]" if ledger["chain_ok"] else "[red]CHAIN BROKEN[/]"
+        out.print(f"{ledger['source']:>4} ledger {ledger['path']}: {ledger['entries']} entries, {state}",
+                  soft_wrap=True)
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    for problem in report.problems:
+        out.print(f"[bold red]FAIL:[/] {problem}", soft_wrap=True)
+    out.print("[bold green]audit passed[/]: chains intact, every epsilon recomputed within 1%, no budget overrun"
+              if report.ok else f"[bold red]audit failed: {len(report.problems)} problem(s)[/]")
 
 
 def main() -> None:

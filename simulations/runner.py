@@ -16,6 +16,7 @@ from typing import Any
 from common.config import RunConfig
 from common.data.partition import partition_indices
 from common.data.site import load_site_data, load_source_for
+from server.run_folder import with_run_name
 
 
 def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
@@ -48,6 +49,7 @@ def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose
     from client.app import app as client_app
     from server.app import app as server_app
 
+    config = with_run_name(config)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_mapping())

@@ -5,6 +5,6 @@ round. Independent check: Google's dp-accounting PLD accountant over the same (n
 """
 
 from common.privacy.accountant import SitePrivacy, calibrate_noise_multiplier
-from common.privacy.independent import pld_epsilon, rdp_epsilon
+from common.privacy.independent import patient_level_epsilon, pld_epsilon, rdp_epsilon
 
-__all__ = ["SitePrivacy", "calibrate_noise_multiplier", "pld_epsilon", "rdp_epsilon"]
+__all__ = ["SitePrivacy", "calibrate_noise_multiplier", "patient_level_epsilon", "pld_epsilon", "rdp_epsilon"]

@@ -54,3 +54,14 @@ def test_existing_run_folder_is_never_overwritten(tmp_path: Path):
     assert result.returncode == 2
     assert "already exists" in result.stderr
     assert (tmp_path / "runs" / "taken" / "metrics.json").read_text() == "{}"
+
+
+def test_audit_of_something_that_is_not_a_run_exits_2(tmp_path: Path):
+    result = _carefed("audit", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    result = _carefed("audit", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "no ledger.sqlite" in " ".join(result.stderr.split())
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database " * 100)
+    result = _carefed("audit", str(junk), "--site", cwd=tmp_path)
+    assert result.returncode == 2 and "not a CareFed privacy ledger" in " ".join(result.stderr.split())

@@ -55,6 +55,27 @@ def test_three_sites_two_rounds_write_a_consistent_run_folder(make_config):
     for plot in ("accuracy.png", "epsilon.png"):
         assert (run_dir / "plots" / plot).read_bytes()[:8] == PNG_MAGIC
 
+    # the audit: every ledger chained and agreeing, every epsilon recomputed independently
+    audited = _carefed("audit", str(run_dir), "--json", cwd=run_dir)
+    assert audited.returncode == 0, audited.stdout[-2000:] + audited.stderr[-2000:]
+    report = json.loads(audited.stdout)
+    assert report["ok"] and len(report["ledgers"]) == 4  # the run ledger and three site ledgers
+    run_rows = [r for r in report["rows"] if r["source"] == "run"]
+    assert sorted((r["round"], r["site"]) for r in run_rows) == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    for row in run_rows:
+        assert row["epsilon_recomputed"] == pytest.approx(row["epsilon_logged"], rel=0.01)
+        assert row["epsilon_patient"] > row["epsilon_logged"]
+
+    # tampering with a site's ledger fails the audit with exit code 1, naming the entry
+    import sqlite3
+
+    with sqlite3.connect(run_dir / "sites" / "site-0001" / "ledger.sqlite") as db:
+        db.execute("DROP TRIGGER entries_no_update")
+        db.execute("UPDATE entries SET epsilon = 1.0 WHERE seq = 2")
+    tampered = _carefed("audit", str(run_dir), cwd=run_dir)
+    assert tampered.returncode == 1
+    assert "entry 2: tampered" in " ".join(tampered.stdout.split())
+
 
 def test_sites_that_cannot_afford_another_round_are_not_sampled_and_the_run_ends_cleanly(make_config):
     config = make_config(num_sites=3, num_server_rounds=4, privacy_planned_rounds=1, run_name="budget")

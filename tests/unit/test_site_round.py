@@ -2,7 +2,7 @@
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client.site import PRIVACY_STATE, load_privacy, save_privacy, train_site
+from client.site import PRIVACY_STATE, load_privacy, save_privacy, site_ledger, train_site
 from common import messages
 from common.models import build_model
 
@@ -57,3 +57,18 @@ def test_updates_are_clipped_to_the_declared_bound_and_flagged(make_config):
     assert abs(norm - 0.5) < 1e-4
     assert reply[messages.TRAIN_METRICS]["update-clipped"] == 1
     assert "train-loss" not in reply[messages.TRAIN_METRICS]
+
+
+def test_a_restarted_site_continues_its_accountant_and_chain_from_its_ledger(make_config, tmp_path):
+    config = make_config(num_sites=4, num_server_rounds=3, run_name="restart")
+    before = _context()
+    first = train_site(_content(config, 1), before)[messages.PRIVACY_REPORT]
+
+    after_crash = _context()  # a new process: empty Context.state, same state folder on disk
+    second = train_site(_content(config, 2), after_crash)[messages.PRIVACY_REPORT]
+    assert second["steps-total"] == first["steps-total"] + first["steps-round"]
+    assert second["epsilon"] > first["epsilon"]
+    ledger = site_ledger(after_crash, config, 1)
+    entries = ledger.entries()
+    assert [e.round for e in entries] == [1, 2] and ledger.verify().ok
+    assert entries[1].prev_hash == entries[0].hash

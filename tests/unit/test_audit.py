@@ -1,0 +1,100 @@
+"""The audit on crafted ledgers: what passes, and each kind of failure it must catch."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant
+
+from common.privacy import patient_level_epsilon, pld_epsilon
+from common.privacy.audit import audit_run, audit_site
+from common.privacy.ledger import LedgerEntry, PrivacyLedger
+
+SIGMA, RATE, STEPS = 1.2, 0.05, 40
+
+
+def prv(steps: int) -> float:
+    accountant = PRVAccountant()
+    accountant.history = [(SIGMA, RATE, steps)]
+    return float(accountant.get_epsilon(1e-5))
+
+
+def entry(round_: int, site: int = 0, **changes) -> LedgerEntry:
+    steps = STEPS * round_
+    values = dict(run_id="r", round=round_, site=site, unit="image", sample_rate=RATE, noise_multiplier=SIGMA,
+                  clip_norm=1.0, steps_round=STEPS, steps_total=steps, planned_rounds=3, delta=1e-5,
+                  epsilon=prv(steps), epsilon_independent=prv(steps), budget=8.0, max_images_per_patient=3,
+                  history=((SIGMA, RATE, steps),))
+    values.update(changes)
+    return LedgerEntry(**values)
+
+
+def run_folder(tmp_path: Path, entries: list[LedgerEntry], site_entries: list[LedgerEntry] | None = None) -> Path:
+    run = tmp_path / "run"
+    ledger = PrivacyLedger(run / "ledger.sqlite")
+    for e in entries:
+        ledger.append(e)
+    for e in entries if site_entries is None else site_entries:
+        PrivacyLedger(run / "sites" / f"site-{e.site:04d}" / "ledger.sqlite").append(e)
+    return run
+
+
+def test_an_honest_run_passes_with_independent_and_patient_level_epsilon(tmp_path: Path):
+    report = audit_run(run_folder(tmp_path, [entry(1), entry(1, site=1), entry(2), entry(2, site=1)]))
+    assert report.ok, report.problems
+    last = [r for r in report.rows if r.source == "run"][-1]
+    assert last.epsilon_recomputed == pytest.approx(last.epsilon_logged, rel=0.01)
+    assert last.epsilon_patient > last.epsilon_logged  # 3 images per patient: record-level DP protects less
+    assert len(report.ledgers) == 3 and all(ledger["chain_ok"] for ledger in report.ledgers)
+
+
+def test_a_logged_epsilon_that_the_independent_accountant_does_not_confirm_fails(tmp_path: Path):
+    report = audit_run(run_folder(tmp_path, [entry(1), entry(2, epsilon=prv(STEPS * 2) * 0.8)]))
+    assert not report.ok
+    assert any("logged epsilon" in p and "round 2" in p for p in report.problems)
+
+
+def test_a_budget_overrun_fails(tmp_path: Path):
+    report = audit_run(run_folder(tmp_path, [entry(1, budget=0.5)]))
+    assert any("exceeds the site's budget 0.5" in p for p in report.problems)
+
+
+def test_an_accountant_reset_between_rounds_fails(tmp_path: Path):
+    """The classic under-report: round 2 logs only its own steps (a fresh engine each round)."""
+    reset = entry(2, steps_total=STEPS, epsilon=prv(STEPS), epsilon_independent=prv(STEPS),
+                  history=((SIGMA, RATE, STEPS),))
+    report = audit_run(run_folder(tmp_path, [entry(1), reset]))
+    assert any("accountant reset" in p for p in report.problems)
+
+
+def test_a_history_that_does_not_add_up_fails(tmp_path: Path):
+    report = audit_run(run_folder(tmp_path, [entry(1, steps_total=STEPS + 5)]))
+    assert any("history does not match" in p for p in report.problems)
+
+
+def test_tampering_with_the_run_ledger_is_caught_by_the_chain_and_by_the_site_ledgers(tmp_path: Path):
+    run = run_folder(tmp_path, [entry(1), entry(2)])
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        db.execute("DROP TRIGGER entries_no_update")
+        db.execute("UPDATE entries SET epsilon = 0.01 WHERE seq = 2")
+    problems = audit_run(run).problems
+    assert any("entry 2: tampered" in p for p in problems)
+    assert any("disagree" in p for p in problems)
+
+
+def test_a_site_audits_its_own_ledger_without_the_server(tmp_path: Path):
+    run = run_folder(tmp_path, [entry(1), entry(2)])
+    report = audit_site(run / "sites" / "site-0000")
+    assert report.ok and [r.round for r in report.rows] == [1, 2]
+    with pytest.raises(FileNotFoundError, match="no ledger"):
+        audit_site(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no ledger.sqlite"):
+        audit_run(tmp_path)
+
+
+def test_patient_level_epsilon_is_exact_for_one_image_and_grows_with_images_per_patient():
+    history = [(SIGMA, RATE, 200)]
+    record = pld_epsilon(history, 1e-5)
+    assert patient_level_epsilon(history, 1e-5, 1) == pytest.approx(record, rel=1e-9)
+    two, four = patient_level_epsilon(history, 1e-5, 2), patient_level_epsilon(history, 1e-5, 4)
+    assert record < two < four
