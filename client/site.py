@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from client.trainer import train_locally
+from client.trainer import patients_per_batch, train_locally, train_patient_level
 from common import messages
 from common.config import RunConfig
 from common.data import SiteData, load_site_data
@@ -138,11 +138,14 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
 
     privacy, ledger = None, None
     max_per_patient = int(np.bincount(data.train_patients).max()) if data.num_train else 0
+    patient_unit = config.privacy_unit == "patient"
     if config.dp:
         ledger = site_ledger(context, config, site)
+        units = len(np.unique(data.train_patients)) if patient_unit else data.num_train  # what is sampled
+        per_batch = patients_per_batch(config, data) if patient_unit else config.batch_size
         privacy = load_privacy(context, ledger, config.run_name, site) or SitePrivacy.calibrate(
-            target_epsilon=config.target_epsilon, delta=config.target_delta, num_examples=data.num_train,
-            batch_size=config.batch_size, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
+            target_epsilon=config.target_epsilon, delta=config.target_delta, num_examples=units,
+            batch_size=per_batch, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
             max_grad_norm=config.max_grad_norm)
         if not privacy.can_afford_next_round():
             save_privacy(context, privacy)
@@ -155,7 +158,11 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
 
     model = model_for(config, data, num_classes)
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
-    update = train_locally(model, data, config, privacy, noise_generator(context, config, site, server_round))
+    generator = noise_generator(context, config, site, server_round)
+    if patient_unit and privacy is not None:
+        update = train_patient_level(model, data, config, privacy, generator)
+    else:
+        update = train_locally(model, data, config, privacy, generator)
     raw_delta = _numpy(update.delta)
     delta, clipped = clip_l2(flatten(raw_delta), config.update_clip_norm)
     records = RecordDict({

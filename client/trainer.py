@@ -5,12 +5,15 @@ Returns the model delta; the caller decides how it leaves the site.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -75,6 +78,67 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
             module.to_standard_module()  # remove Opacus's hooks so the model can be trained again
     delta = {k: (v.detach() - global_weights[k]) for k, v in model.state_dict().items()}
     return LocalUpdate(delta, len(data.train_y), sum(losses) / max(len(losses), 1), steps)
+
+
+def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, privacy: SitePrivacy,
+                        generator: torch.Generator) -> LocalUpdate:
+    """Patient-level DP-SGD: Poisson-sample patients, clip each patient's summed gradient, add noise.
+
+    Opacus computes per-image gradients (GradSampleModule); we sum them per patient before its DPOptimizer clips
+    and noises, so the unit of clipping, sampling and accounting is the patient. The accountant is the same
+    run-long PRV history as at image level, now over patient-sampling steps.
+    """
+    patients, images_of = patient_index(data.train_patients)
+    num_patients = len(images_of)
+    if abs(1.0 / math.ceil(num_patients / patients_per_batch(config, data)) - privacy.sample_rate) > 1e-12:
+        raise RuntimeError("the site's patients changed during the run; its noise was calibrated for others")
+    global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.train()
+    module = GradSampleModule(model, loss_reduction="sum")
+    base = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    expected = num_patients * privacy.sample_rate
+    optimizer = DPOptimizer(base, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                            expected_batch_size=max(1, round(expected)), loss_reduction="mean", generator=generator)
+    accountant = privacy.accountant()
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
+    steps = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(privacy.steps_per_round):
+            optimizer.zero_grad(set_to_none=True)
+            chosen = torch.nonzero(torch.rand(num_patients, generator=generator) < privacy.sample_rate).flatten()
+            if len(chosen) == 0:
+                _noise_only_step(module, optimizer)
+            else:
+                rows = torch.cat([images_of[int(c)] for c in chosen])
+                loss = nn.functional.cross_entropy(module(data.train_x[rows]), data.train_y[rows], reduction="sum")
+                loss.backward()
+                owner = torch.searchsorted(chosen, patients[rows])  # batch-local patient index of each image
+                for p in module.parameters():
+                    if p.requires_grad and p.grad_sample is not None:
+                        per_patient = torch.zeros((len(chosen), *p.shape), dtype=p.grad_sample.dtype)
+                        p.grad_sample = per_patient.index_add_(0, owner, p.grad_sample)
+                optimizer.step()
+            steps += 1
+    module.to_standard_module()
+    privacy.record_steps(accountant.state_dict())
+    delta = {k: (v.detach() - global_weights[k]) for k, v in model.state_dict().items()}
+    return LocalUpdate(delta, len(data.train_y), float("nan"), steps)
+
+
+def patient_index(patient_ids: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Contiguous patient numbers per image, and each patient's image rows."""
+    unique, inverse = np.unique(patient_ids, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
+    rows = [torch.from_numpy(order[bounds[i] : bounds[i + 1]]) for i in range(len(unique))]
+    return torch.from_numpy(inverse), rows
+
+
+def patients_per_batch(config: RunConfig, data: SiteData) -> int:
+    """Expected patients per step: batch-size images' worth of patients at this site's mean images per patient."""
+    num_patients = len(np.unique(data.train_patients))
+    return max(1, round(config.batch_size * num_patients / max(data.num_train, 1)))
 
 
 def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -21,7 +21,7 @@ PYPROJECT = PROJECT_ROOT / "pyproject.toml"
 
 PARTITIONINGS = ("iid", "dirichlet")
 MODELS = ("cnn", "resnet18")
-PRIVACY_UNITS = ("image",)
+PRIVACY_UNITS = ("image", "patient")
 
 
 @dataclass(frozen=True)

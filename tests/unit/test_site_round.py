@@ -1,5 +1,6 @@
 """A site's round through the real ClientApp handler with a real Flower Context (no engine)."""
 
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client.site import PRIVACY_STATE, load_privacy, save_privacy, site_ledger, train_site
@@ -72,3 +73,27 @@ def test_a_restarted_site_continues_its_accountant_and_chain_from_its_ledger(mak
     entries = ledger.entries()
     assert [e.round for e in entries] == [1, 2] and ledger.verify().ok
     assert entries[1].prev_hash == entries[0].hash
+
+
+def test_patient_level_dp_sgd_gives_patient_level_epsilon_directly(make_config):
+    """Same budget, two units: image-level training leaves patients far less protected than patient-level."""
+    from common.privacy.audit import audit_site
+
+    reports = {}
+    for unit in ("image", "patient"):
+        config = make_config(num_sites=4, num_server_rounds=2, privacy_unit=unit, run_name=f"unit-{unit}",
+                             target_epsilon=4.0)
+        context = _context()
+        for server_round in (1, 2):
+            reply = train_site(_content(config, server_round), context)
+            assert reply[messages.STATUS]["state"] == messages.STATE_TRAINED
+        report = audit_site(site_ledger(context, config, 1).path)
+        assert report.ok, report.problems
+        reports[unit] = report.rows[-1]
+    image, patient = reports["image"], reports["patient"]
+    assert patient.unit == "patient" and image.unit == "image"
+    assert patient.epsilon_logged <= 4.0 and patient.epsilon_patient == patient.epsilon_recomputed
+    assert image.epsilon_logged <= 4.0
+    assert image.epsilon_patient > 2 * patient.epsilon_patient  # record-level DP: the patient gets much less
+    # batches hold as many patients as the images' batch holds patients' worth of images: same steps, same q
+    assert patient.sample_rate == pytest.approx(image.sample_rate, rel=0.2)
