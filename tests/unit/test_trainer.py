@@ -1,6 +1,7 @@
 """DP-SGD mechanics: the patient-level step is the clipped, noised, per-patient mean it claims to be."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -45,11 +46,15 @@ def test_without_noise_or_clipping_a_patient_step_is_the_mean_patient_gradient(m
 
 
 def test_each_patient_is_clipped_as_one_unit(make_config):
-    """With a tiny clip bound every patient contributes a vector of norm C: the step has norm <= lr * C."""
+    """Six copies of one image, patients of 4, 1 and 1 images, tiny clip bound C: every patient's summed gradient is
+    clipped to C and they all point the same way, so the step is exactly lr * C (clipping per image would
+    give the 4-image patient 4C, and the step would be 2 lr C)."""
     config = make_config(learning_rate=1.0, momentum=0.0, batch_size=6)
     data = _site([0, 0, 0, 0, 1, 2])
+    same = SiteData(0, data.train_x[:1].repeat(6, 1, 1, 1), data.train_y[:1].repeat(6), data.train_patients,
+                    data.test_x, data.test_y, data.shift)
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
     privacy = SitePrivacy(1e9, 1e-5, 1e-12, 1.0, 1, 1e-3, 1)
-    update = train_patient_level(model, data, config, privacy, torch.Generator().manual_seed(0))
-    norm = torch.sqrt(sum((d**2).sum() for d in update.delta.values()))
-    assert 0 < float(norm) <= 1e-3 * (1 + 1e-4)  # mean of 3 patient gradients, each clipped to norm 1e-3
+    update = train_patient_level(model, same, config, privacy, torch.Generator().manual_seed(0))
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in update.delta.values()))
+    assert float(norm) == pytest.approx(1e-3, rel=1e-3)
