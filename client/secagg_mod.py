@@ -99,8 +99,9 @@ def _masked_input(msg: Message, record: ConfigRecord, session: ClientSession, co
                              float(record["update-bound"]))  # already clipped by the trainer; idempotent here
     clipped = clipped or bool(metrics["update-clipped"])
     codec = FixedPoint.for_cohort(max_weight * float(record["update-bound"]), int(record["cohort-size"]))
-    encoded = np.concatenate([codec.encode(weight * delta),
-                              np.array([weight, int(clipped)], dtype=np.uint32)])
+    encoded = np.empty(delta.size + 2, dtype=np.uint32)
+    encoded[:-2] = codec.encode(delta, multiplier=weight)
+    encoded[-2:] = (weight, int(clipped))
     ciphertexts = dict(zip(ids_from_wire(record["senders"]), (bytes(c) for c in record["ciphertexts"]), strict=True))
     masked = session.masked_input(ciphertexts, ids_from_wire(record["alive"]), encoded)
     context.state[SESSION_STATE] = ConfigRecord(session.to_state())

@@ -40,19 +40,23 @@ class FixedPoint:
         """Worst-case rounding error of one client's coordinate."""
         return 1.0 / self.scale
 
-    def encode(self, values: np.ndarray, rounding_seed: bytes | None = None) -> np.ndarray:
-        """float vector -> uint32 vector (two's complement of the stochastically rounded fixed point)."""
-        values = np.asarray(values, dtype=np.float64)
-        if not np.all(np.isfinite(values)):
+    def encode(self, values: np.ndarray, rounding_seed: bytes | None = None, multiplier: float = 1.0) -> np.ndarray:
+        """multiplier * values (float) -> uint32 (two's complement of the stochastically rounded fixed point).
+
+        Few passes over the data: a masked update is as large as the model, and this runs on every site.
+        """
+        scaled = np.multiply(values, multiplier * self.scale, dtype=np.float64)
+        worst = float(np.max(np.abs(scaled))) / self.scale if scaled.size else 0.0
+        if not np.isfinite(worst):
             raise SecAggAbort(AbortReason.BAD_INPUT, "update contains NaN or infinity")
-        worst = float(np.max(np.abs(values))) if values.size else 0.0
         if worst > self.value_bound:
             raise SecAggAbort(AbortReason.BAD_INPUT,
                               f"|value| {worst:.6g} exceeds the declared bound {self.value_bound:.6g}")
-        scaled = values * self.scale
-        floor = np.floor(scaled)
-        uniform = keystream_words(rounding_seed or os.urandom(32), values.size) / 2.0**32
-        rounded = floor + (uniform < (scaled - floor))
+        rounded = np.floor(scaled)
+        np.subtract(scaled, rounded, out=scaled)  # fractional part in [0, 1)
+        np.multiply(scaled, 2.0**32, out=scaled)
+        uniform = keystream_words(rounding_seed or os.urandom(32), scaled.size)
+        rounded += scaled > uniform  # round up with probability equal to the fractional part
         return rounded.astype(np.int64).astype(np.uint32)
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from collections.abc import Callable, Iterable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from functools import partial  # noqa: E402
+from functools import lru_cache, partial  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -132,25 +132,32 @@ class LoopbackGrid(Grid):
         return replies
 
 
+@lru_cache(maxsize=256)
 def random_update(m: int, seed: int) -> np.ndarray:
+    """A site's fixed update (cached, and made before the round: no system pays for it)."""
     x = np.random.default_rng(seed).standard_normal(m).astype(np.float32)
-    return x * np.float32(UPDATE_NORM / np.linalg.norm(x))
+    x *= np.float32(UPDATE_NORM / np.linalg.norm(x))
+    x.flags.writeable = False
+    return x
+
+
+def prepare_updates(m: int, nodes: Iterable[int]) -> None:
+    random_update.cache_clear()
+    for node in nodes:
+        random_update(m, node)
 
 
 # -- CareFed (plain FedAvg and secure aggregation share the same site) -------------------------------------------
 
 def carefed_app(m: int) -> ClientApp:
-    updates: dict[int, np.ndarray] = {}
     app = ClientApp(mods=[secagg_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node = context.node_id
-        if node not in updates:
-            updates[node] = random_update(m, node)
         return Message(RecordDict({
             messages.STATUS: ConfigRecord({"state": messages.STATE_TRAINED, "reason": ""}),
-            messages.UPDATE: ArrayRecord({"w": Array(updates[node])}),
+            messages.UPDATE: ArrayRecord({"w": Array(random_update(m, node))}),
             messages.TRAIN_METRICS: MetricRecord({"site": node, "num-examples": 100, "steps": 1,
                                                   "update-clipped": 0}),
         }), reply_to=msg)
@@ -161,6 +168,7 @@ def carefed_app(m: int) -> ClientApp:
 def carefed_round(n: int, m: int, dropped: dict[int, int], secure: bool, degree: int, dropout_rate: float,
                   train_seconds: float) -> dict[str, Any]:
     nodes = list(range(1, n + 1))
+    prepare_updates(m, nodes)
     grid = LoopbackGrid(carefed_app(m), nodes, dropped)
     config = resolve(overrides={"secagg": secure, "secagg-graph-degree": degree, "num-sites": n,
                                 "secagg-dropout-rate": dropout_rate, "update-clip-norm": 2 * UPDATE_NORM,
@@ -210,6 +218,7 @@ def flower_round(n: int, m: int, dropped: dict[int, int], train_seconds: float) 
 
     app = ClientApp(client_fn=lambda context: Site(context.node_id).to_client(), mods=[secaggplus_mod])
     nodes = list(range(1, n + 1))
+    prepare_updates(m, nodes)
     grid = LoopbackGrid(app, nodes, dropped)
     shares = n if n % 2 else n - 1  # odd, as close to the complete graph as Flower allows
     # the same dropout tolerance CareFed's default gives (10% of the cohort), and a majority; Flower needs t < shares
