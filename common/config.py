@@ -57,6 +57,7 @@ class RunConfig:
     secagg_graph_degree: int  # 0: complete graph; k (even): random k-regular SecAgg+ graph
     secagg_max_weight: int  # cap on a site's example count (the weight); sets the fixed-point scale
     round_timeout: float  # seconds to wait for replies to one message round
+    canaries: int  # one-run privacy audit: mislabelled canaries, each in training with probability 1/2; 0: none
     model: str
     seed: int
     output_dir: str
@@ -144,6 +145,8 @@ class RunConfig:
             _fail("secagg_min_cohort", self.secagg_min_cohort, "must be at least 2 (a sum of one is the update)")
         if self.secagg_graph_degree < 0 or self.secagg_graph_degree % 2:
             _fail("secagg_graph_degree", self.secagg_graph_degree, "must be 0 (complete graph) or a positive even k")
+        if self.canaries < 0:
+            _fail("canaries", self.canaries, "must be 0 (none) or a positive number of canaries")
         if self.secagg_max_weight < 1:
             _fail("secagg_max_weight", self.secagg_max_weight, "must be at least 1")
         if not self.round_timeout > 0:

@@ -17,6 +17,7 @@ from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from common.config import RunConfig, resolve  # noqa: E402
@@ -80,7 +81,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 def _fail(code: int, message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -190,24 +191,76 @@ Exit codes: 0 every check passed, 1 a check failed (printed), 2 bad input.
 def audit(
     path: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>/), or with --site a site's ledger.")],
     site: Annotated[bool, typer.Option("--site", help="PATH is one site's ledger.sqlite or state folder.")] = False,
+    attack: Annotated[str | None, typer.Option(help="'mia': membership inference on the final model.")] = None,
+    canaries: Annotated[int, typer.Option(help="Retrain once with this many canaries (one-run audit); 0: skip.")] = 0,
+    control: Annotated[bool, typer.Option(help="With --canaries, also train a no-DP control.")] = True,
+    shadows: Annotated[int, typer.Option(help="Shadow models for the offline LiRA attack.")] = 8,
+    sweep: Annotated[Path | None, typer.Option(help="sweep.json from simulations.sweep_privacy, for the report.")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the audit as JSON on stdout.")] = False,
 ) -> None:
-    """Verify the privacy ledgers, recompute every epsilon independently, flag overruns and tampering."""
+    """Verify the privacy ledgers, recompute every epsilon independently, flag overruns and tampering; optionally
+    attack the model (--attack mia, --canaries); write runs/<id>/report.html."""
     from common.privacy.audit import audit_run, audit_site
     from common.privacy.ledger import LedgerError
 
     if not path.exists():
         raise _fail(2, f"{path} does not exist; pass a run folder (runs/<run-id>/) or, with --site, a site ledger")
+    if attack not in (None, "mia"):
+        raise _fail(2, f"--attack {attack!r} is not known; use --attack mia")
+    if site and (attack or canaries):
+        raise _fail(2, "--attack and --canaries need the run folder (they retrain or score on the sites' data)")
+    if canaries < 0 or shadows < 2 or (sweep is not None and not sweep.is_file()):
+        raise _fail(2, "--canaries must be >= 0, --shadows >= 2, and --sweep must name an existing sweep.json")
     try:
         with console.status("Verifying ledgers and recomputing epsilon..."):
             report = audit_site(path) if site else audit_run(path)
     except (FileNotFoundError, LedgerError) as err:
         raise _fail(2, str(err)) from None
+    extra: dict[str, Any] = {}
+    if not site:
+        from simulations.empirical_audit import canary_audit, membership_inference
+        from simulations.report import write_report
+
+        try:
+            if attack == "mia":
+                with console.status("Membership inference: training shadow models and scoring every site..."):
+                    extra["mia"] = membership_inference(path, shadows)
+            if canaries:
+                with console.status(f"One-run audit: retraining with {canaries} canaries..."):
+                    extra["canaries"] = canary_audit(path, canaries, control)
+                for name, arm in extra["canaries"]["arms"].items():
+                    if not arm["consistent"]:
+                        report.problems.append(f"canary run '{name}': empirical epsilon lower bound "
+                                               f"{arm['epsilon_lower_bound']:.3f} exceeds the theoretical "
+                                               f"{arm['theoretical_epsilon']}: the DP guarantee does not hold")
+        except (FileNotFoundError, CareFedError) as err:
+            raise _fail(2, str(err)) from None
+        extra["report"] = str(write_report(path, report, sweep))
     if as_json:
-        print(json.dumps(_clean_json(report.to_json()), indent=2))
+        print(json.dumps(_clean_json({**report.to_json(), **extra}), indent=2))
     else:
         _print_audit(report)
+        _print_empirical(extra)
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _print_empirical(extra: dict[str, Any]) -> None:
+    out = Console(width=max(Console().width, 110))
+    if "mia" in extra:
+        pooled = extra["mia"]["pooled"]
+        for attack, label in (("loss", "loss threshold"), ("lira", "offline LiRA")):
+            v = pooled[attack]
+            out.print(f"membership inference ({label}, all sites): AUC {v['auc']:.3f}, TPR@1%FPR "
+                      f"{v['tpr_at_1pct_fpr']:.3f}, TPR@0.1%FPR {v['tpr_at_01pct_fpr']:.3f} "
+                      f"({v['members']} members, {v['non_members']} non-members)")
+    if "canaries" in extra:
+        for name, arm in extra["canaries"]["arms"].items():
+            theory = f"theoretical epsilon {arm['theoretical_epsilon']}" if arm["dp"] else "no DP"
+            out.print(f"canaries ({name}): {arm['correct']}/{arm['guesses']} guesses right, epsilon lower bound "
+                      f"{arm['epsilon_lower_bound']:.3f} at 95% ({theory})")
+    if "report" in extra:
+        out.print(f"report: {extra['report']}")
 
 
 def _clean_json(value: Any) -> Any:
@@ -239,9 +292,9 @@ def _print_audit(report: Any) -> None:
         out.print(f"{ledger['source']:>4} ledger {ledger['path']}: {ledger['entries']} entries, {state}",
                   soft_wrap=True)
     for note in report.notes:
-        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        out.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     for problem in report.problems:
-        out.print(f"[bold red]FAIL:[/] {problem}", soft_wrap=True)
+        out.print(f"[bold red]FAIL:[/] {escape(problem)}", soft_wrap=True)
     out.print("[bold green]audit passed[/]: chains intact, every epsilon recomputed within 1%, no budget overrun"
               if report.ok else f"[bold red]audit failed: {len(report.problems)} problem(s)[/]")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,42 @@ def synthetic_patients(num_images: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def load_source_for(config: RunConfig) -> DataSource:
-    return load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
-                       num_classes=config.num_classes)
+    """The run's data; with canaries, the first `canaries` global-test images become canaries, not test data."""
+    source = load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
+                         num_classes=config.num_classes)
+    if config.canaries:
+        return DataSource(source.name, source.train, source.test.subset(np.arange(config.canaries, len(source.test))),
+                          source.num_classes)
+    return source
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """Mislabelled images for the one-run audit: canary i belongs to site i mod num_sites and is in its training
+    data iff included[i] (a fair coin per canary, from the run seed)."""
+
+    images: ImageSet  # with the wrong labels
+    site: np.ndarray
+    included: np.ndarray
+
+
+def canary_pixels(canaries: Canaries, which: np.ndarray, shift: ScannerShift) -> np.ndarray:
+    """Canaries as their site's scanner renders them, without acquisition noise, so the auditor scores exactly
+    the image that was (or would have been) trained on."""
+    return dataclasses.replace(shift, noise_std=0.0).apply(canaries.images.images[which], np.random.default_rng(0))
+
+
+def canaries_for(config: RunConfig) -> Canaries:
+    source = load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
+                         num_classes=config.num_classes)
+    m = config.canaries
+    if not 0 < m < len(source.test):
+        raise DataError(f"canaries={m} must be between 1 and {len(source.test) - 1} (they are taken from the "
+                        f"{len(source.test)}-image global test set)")
+    rng = np.random.default_rng([config.seed, 0xCA4A])
+    pool = source.test.subset(np.arange(m))
+    wrong = (pool.labels + rng.integers(1, source.num_classes, size=m)) % source.num_classes
+    return Canaries(ImageSet(pool.images, wrong), np.arange(m) % config.num_sites, rng.random(m) < 0.5)
 
 
 def load_site_data(config: RunConfig, site: int) -> SiteData:
@@ -74,11 +109,19 @@ def load_site_data(config: RunConfig, site: int) -> SiteData:
     is_test = np.isin(patients, test_patients)
     shift = ScannerShift.for_site(site, config.seed, config.site_shift)
     pixels = shift.apply(images.images, rng)
+    train_x, train_y, train_patients = pixels[~is_test], images.labels[~is_test], patients[~is_test]
+    if config.canaries:
+        canaries = canaries_for(config)
+        mine = np.flatnonzero((canaries.site == site) & canaries.included)
+        train_x = np.concatenate([train_x, canary_pixels(canaries, mine, shift)])
+        train_y = np.concatenate([train_y, canaries.images.labels[mine]])
+        first = int(patients.max()) + 1 if patients.size else 0
+        train_patients = np.concatenate([train_patients, first + np.arange(len(mine))])  # one patient each
     return SiteData(
         site=site,
-        train_x=to_tensor(pixels[~is_test]),
-        train_y=torch.from_numpy(images.labels[~is_test]),
-        train_patients=patients[~is_test],
+        train_x=to_tensor(train_x),
+        train_y=torch.from_numpy(train_y),
+        train_patients=train_patients,
         test_x=to_tensor(pixels[is_test]),
         test_y=torch.from_numpy(images.labels[is_test]),
         shift=shift,

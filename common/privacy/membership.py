@@ -1,0 +1,101 @@
+"""Statistics of empirical privacy audits: membership-inference ROC, offline LiRA scores, one-run epsilon bounds.
+
+Pure numpy/scipy; the training and scoring that feed these live with the audit runner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class RocSummary:
+    auc: float
+    tpr_at_1pct_fpr: float
+    tpr_at_01pct_fpr: float
+    members: int
+    non_members: int
+    fpr: list[float]
+    tpr: list[float]
+
+    @property
+    def fpr_resolution(self) -> float:
+        """The smallest non-zero FPR this many non-members can show: TPR at a lower FPR means at FPR 0."""
+        return 1.0 / self.non_members
+
+
+def roc(scores_members: np.ndarray, scores_non_members: np.ndarray) -> RocSummary:
+    """ROC of 'higher score = member'. AUC by the rank statistic; TPR at fixed FPR (no interpolation upward)."""
+    members = np.asarray(scores_members, dtype=np.float64)
+    others = np.asarray(scores_non_members, dtype=np.float64)
+    if members.size == 0 or others.size == 0:
+        raise ValueError("need both members and non-members to compute a ROC curve")
+    auc = float(stats.mannwhitneyu(members, others, alternative="two-sided").statistic / (members.size * others.size))
+    thresholds = np.unique(np.concatenate([members, others]))[::-1]
+    tpr = np.array([0.0] + [float((members >= t).mean()) for t in thresholds])
+    fpr = np.array([0.0] + [float((others >= t).mean()) for t in thresholds])
+
+    def tpr_at(max_fpr: float) -> float:
+        return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+    return RocSummary(auc, tpr_at(0.01), tpr_at(0.001), int(members.size), int(others.size),
+                      fpr.tolist(), tpr.tolist())
+
+
+def logit_confidence(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's statistic: log(p_y / (1 - p_y)) of the true label, computed stably."""
+    p = np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def lira_offline_scores(target: np.ndarray, shadow_out: np.ndarray) -> np.ndarray:
+    """Offline LiRA (Carlini et al. 2022): how far above the OUT distribution each example's confidence lies.
+
+    `target`: (n,) the target model's logit confidence per example; `shadow_out`: (k, n) the same under k shadow
+    models that never saw these examples. Score = one-sided Gaussian log-likelihood test against OUT, with a
+    global variance (more stable than per-example with few shadows, as the paper recommends).
+    """
+    mean = shadow_out.mean(axis=0)
+    std = max(float(shadow_out.std(axis=0, ddof=1).mean()), 1e-6) if shadow_out.shape[0] > 1 else 1.0
+    return stats.norm.logcdf(target, loc=mean, scale=std)
+
+
+def one_run_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """P-value of `correct` right guesses out of `guesses` if the training is (epsilon, delta)-DP.
+
+    Steinke, Nasr & Jagielski (2023), one training run: m canaries each included with probability 1/2. Under
+    (epsilon, delta)-DP the count of correct guesses is dominated by Binomial(guesses, e^eps / (1 + e^eps)) up to
+    a term 2 m delta * max_i P[correct - i <= Binomial < correct] / i.
+    """
+    if not 0 <= correct <= guesses <= m:
+        raise ValueError("need 0 <= correct <= guesses <= m")
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    tail = float(stats.binom.sf(correct - 1, guesses, q))
+    worst, mass = 0.0, 0.0
+    for i in range(1, correct + 1):
+        mass += float(stats.binom.pmf(correct - i, guesses, q))
+        worst = max(worst, mass / i)
+    return min(1.0, tail + 2 * m * delta * worst)
+
+
+def one_run_epsilon_lower_bound(m: int, guesses: int, correct: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest epsilon rejected at `confidence`: training is not (epsilon, delta)-DP for any smaller epsilon."""
+    alpha = 1 - confidence
+    if one_run_p_value(m, guesses, correct, 0.0, delta) >= alpha:
+        return 0.0
+    low, high = 0.0, 1.0
+    while one_run_p_value(m, guesses, correct, high, delta) < alpha:
+        low, high = high, high * 2
+        if high > 1e3:
+            return math.inf
+    for _ in range(50):
+        mid = (low + high) / 2
+        if one_run_p_value(m, guesses, correct, mid, delta) < alpha:
+            low = mid
+        else:
+            high = mid
+    return low
