@@ -143,30 +143,39 @@ def canary_audit(run_dir: Path, canaries: int, control: bool = True) -> dict[str
     guesses gives an epsilon lower bound at 95% confidence. A no-DP control run shows what leakage looks like."""
     from simulations.runner import run_simulation
 
-    base, _ = load_run(run_dir)
+    base, audited_model = load_run(run_dir)
     arms = [("as-run", base)] + ([("no-dp-control", base.replace(dp=False))] if control and base.dp else [])
     results = {}
     for name, config in arms:
-        audit_config = config.replace(canaries=canaries, output_dir=str(run_dir / "audit"),
-                                      run_name=f"canaries-{name}")
+        audit_dir = str(run_dir / "audit")
+        if name == "as-run":
+            reference = audited_model  # the audited run: the same training without canaries
+        else:  # the control's reference: the same no-DP training without canaries
+            _, reference = load_run(run_simulation(config.replace(output_dir=audit_dir, run_name=f"reference-{name}")))
+        audit_config = config.replace(canaries=canaries, output_dir=audit_dir, run_name=f"canaries-{name}")
         audit_run = run_simulation(audit_config)
         _, model = load_run(audit_run)
-        results[name] = score_canaries(audit_config, model)
+        results[name] = score_canaries(audit_config, model, reference)
         results[name]["run"] = str(audit_run)
     result = {"canaries": canaries, "guess_fraction": CANARY_GUESS_FRACTION, "confidence": 0.95, "arms": results}
     write_json(run_dir / "audit" / "canaries.json", result)
     return result
 
 
-def score_canaries(config: RunConfig, model: nn.Module) -> dict[str, Any]:
+def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) -> dict[str, Any]:
+    """Score = how much lower a canary's loss is under the canary run's model than under `reference`, a model
+    trained without canaries (the audited run itself). The reference does not depend on the coins, so the
+    guarantee of the one-run analysis is untouched; it removes each canary's own difficulty from its score."""
     planted = canaries_for(config)
     m = len(planted.included)
     scores = np.empty(m)
     for site in range(config.num_sites):
         mine = np.flatnonzero(planted.site == site)
         shift = ScannerShift.for_site(site, config.seed, config.site_shift)
-        probs = probabilities(model, to_tensor(canary_pixels(planted, mine, shift)))
-        scores[mine] = -per_example_loss(probs, planted.images.labels[mine])
+        pixels = to_tensor(canary_pixels(planted, mine, shift))
+        labels = planted.images.labels[mine]
+        scores[mine] = (per_example_loss(probabilities(reference, pixels), labels)
+                        - per_example_loss(probabilities(model, pixels), labels))
     k = max(1, int(math.floor(CANARY_GUESS_FRACTION * m)))
     order = np.argsort(-scores, kind="stable")
     guessed_in, guessed_out = order[:k], order[-k:]

@@ -46,21 +46,17 @@ def synthetic_patients(num_images: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def load_source_for(config: RunConfig) -> DataSource:
-    """The run's data; with canaries, the first `canaries` global-test images become canaries, not test data."""
-    source = load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
-                         num_classes=config.num_classes)
-    if config.canaries:
-        return DataSource(source.name, source.train, source.test.subset(np.arange(config.canaries, len(source.test))),
-                          source.num_classes)
-    return source
+    return load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
+                       num_classes=config.num_classes)
 
 
 @dataclass(frozen=True)
 class Canaries:
     """Mislabelled images for the one-run audit: canary i belongs to site i mod num_sites and is in its training
-    data iff included[i] (a fair coin per canary, from the run seed)."""
+    data iff included[i] (a fair coin per canary, from the run seed). A model only fits a wrong label it was
+    trained on, so each canary's loss says whether it was in, unless DP hides it."""
 
-    images: ImageSet  # with the wrong labels
+    images: ImageSet
     site: np.ndarray
     included: np.ndarray
 
@@ -72,14 +68,13 @@ def canary_pixels(canaries: Canaries, which: np.ndarray, shift: ScannerShift) ->
 
 
 def canaries_for(config: RunConfig) -> Canaries:
-    source = load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
-                         num_classes=config.num_classes)
+    source = load_source_for(config)
     m = config.canaries
-    if not 0 < m < len(source.test):
-        raise DataError(f"canaries={m} must be between 1 and {len(source.test) - 1} (they are taken from the "
-                        f"{len(source.test)}-image global test set)")
+    if not 0 < m <= len(source.test):
+        raise DataError(f"canaries={m} must be between 1 and {len(source.test)}: they are images of the global "
+                        "test set (which no site trains on) given a wrong label")
     rng = np.random.default_rng([config.seed, 0xCA4A])
-    pool = source.test.subset(np.arange(m))
+    pool = source.test.subset(rng.permutation(len(source.test))[:m])
     wrong = (pool.labels + rng.integers(1, source.num_classes, size=m)) % source.num_classes
     return Canaries(ImageSet(pool.images, wrong), np.arange(m) % config.num_sites, rng.random(m) < 0.5)
 

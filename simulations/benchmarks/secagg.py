@@ -48,7 +48,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from client.secagg_mod import secagg_mod  # noqa: E402
 from common import messages  # noqa: E402
-from common.config import resolve  # noqa: E402
+from common.config import RunConfig, resolve  # noqa: E402
 from common.logs import tidy_logging  # noqa: E402
 from server.aggregation import DeltaSum  # noqa: E402
 from server.secagg_round import SecAggRound  # noqa: E402
@@ -132,6 +132,13 @@ class LoopbackGrid(Grid):
         return replies
 
 
+@lru_cache(maxsize=1)
+def base_config() -> RunConfig:
+    """Read pyproject.toml once: the benchmark runs for a long time and must not see later edits."""
+    return resolve(overrides={"update-clip-norm": 2 * UPDATE_NORM, "secagg-max-weight": 1000,
+                              "secagg-min-cohort": 2})
+
+
 @lru_cache(maxsize=256)
 def random_update(m: int, seed: int) -> np.ndarray:
     """A site's fixed update (cached, and made before the round: no system pays for it)."""
@@ -170,9 +177,8 @@ def carefed_round(n: int, m: int, dropped: dict[int, int], secure: bool, degree:
     nodes = list(range(1, n + 1))
     prepare_updates(m, nodes)
     grid = LoopbackGrid(carefed_app(m), nodes, dropped)
-    config = resolve(overrides={"secagg": secure, "secagg-graph-degree": degree, "num-sites": n,
-                                "secagg-dropout-rate": dropout_rate, "update-clip-norm": 2 * UPDATE_NORM,
-                                "secagg-max-weight": 1000, "secagg-min-cohort": 2})
+    config = base_config().replace(secagg=secure, secagg_graph_degree=degree, num_sites=n,
+                                   secagg_dropout_rate=dropout_rate)
     content = RecordDict({
         messages.RUN_CONFIG: ConfigRecord(config.to_mapping()),
         messages.ROUND: ConfigRecord({"round": 1}),
@@ -286,6 +292,7 @@ def main() -> None:
                              "of the default CNN here); 0 gives the pure protocol overhead")
     parser.add_argument("--json", type=str, default="", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    base_config()
     tidy_logging()
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's runtime sets them
     import logging
