@@ -23,7 +23,13 @@ from common.data.shift import ScannerShift
 from common.data.site import SiteData, canaries_for, canary_pixels, load_site_data, load_source_for, to_tensor
 from common.models import build_model
 from common.privacy import SitePrivacy
-from common.privacy.membership import lira_offline_scores, logit_confidence, one_run_epsilon_lower_bound, roc
+from common.privacy.membership import (
+    cross_entropy,
+    lira_offline_scores,
+    logit_confidence,
+    one_run_epsilon_lower_bound,
+    roc,
+)
 from server.run_folder import write_json
 
 SHADOWS = 8
@@ -54,13 +60,9 @@ def model_from_state(config: RunConfig, state: dict[str, torch.Tensor]) -> nn.Mo
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+def logits_of(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     model.eval()
-    return torch.cat([torch.softmax(model(images[i : i + 512]), dim=1) for i in range(0, len(images), 512)]).numpy()
-
-
-def per_example_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+    return torch.cat([model(images[i : i + 512]) for i in range(0, len(images), 512)]).double().numpy()
 
 
 def train_like_the_run(config: RunConfig, data: SiteData, seed: int) -> nn.Module:
@@ -101,11 +103,11 @@ def membership_inference(run_dir: Path, shadows: int = SHADOWS) -> dict[str, Any
     for data in sites:
         scores = {}
         for group, (x, y) in (("members", (data.train_x, data.train_y)), ("non_members", (data.test_x, data.test_y))):
-            probs = probabilities(model, x)
+            logits = logits_of(model, x)
             labels = y.numpy()
-            target_conf = logit_confidence(probs, labels)
-            shadow_conf = np.stack([logit_confidence(probabilities(s, x), labels) for s in shadow_models])
-            scores[group] = {"loss": -per_example_loss(probs, labels),
+            target_conf = logit_confidence(logits, labels)
+            shadow_conf = np.stack([logit_confidence(logits_of(s, x), labels) for s in shadow_models])
+            scores[group] = {"loss": -cross_entropy(logits, labels),
                              "lira": lira_offline_scores(target_conf, shadow_conf)}
         per_site[data.site] = {}
         for attack in ("loss", "lira"):
@@ -174,8 +176,8 @@ def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) ->
         shift = ScannerShift.for_site(site, config.seed, config.site_shift)
         pixels = to_tensor(canary_pixels(planted, mine, shift))
         labels = planted.images.labels[mine]
-        scores[mine] = (per_example_loss(probabilities(reference, pixels), labels)
-                        - per_example_loss(probabilities(model, pixels), labels))
+        scores[mine] = (cross_entropy(logits_of(reference, pixels), labels)
+                        - cross_entropy(logits_of(model, pixels), labels))
     k = max(1, int(math.floor(CANARY_GUESS_FRACTION * m)))
     order = np.argsort(-scores, kind="stable")
     guessed_in, guessed_out = order[:k], order[-k:]

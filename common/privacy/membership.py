@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ def roc(scores_members: np.ndarray, scores_non_members: np.ndarray) -> RocSummar
     others = np.asarray(scores_non_members, dtype=np.float64)
     if members.size == 0 or others.size == 0:
         raise ValueError("need both members and non-members to compute a ROC curve")
+    if np.isnan(members).any() or np.isnan(others).any():
+        raise ValueError("attack scores contain NaN; a model produced non-finite outputs")
     auc = float(stats.mannwhitneyu(members, others, alternative="two-sided").statistic / (members.size * others.size))
     thresholds = np.unique(np.concatenate([members, others]))[::-1]
     tpr = np.array([0.0] + [float((members >= t).mean()) for t in thresholds])
@@ -46,10 +48,20 @@ def roc(scores_members: np.ndarray, scores_non_members: np.ndarray) -> RocSummar
                       fpr.tolist(), tpr.tolist())
 
 
-def logit_confidence(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LiRA's statistic: log(p_y / (1 - p_y)) of the true label, computed stably."""
-    p = np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
+def logit_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's statistic log(p_y / (1 - p_y)) = z_y - logsumexp of the other logits: exact even where the softmax
+    rounds p_y to 1 (which would make it infinite)."""
+    z = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+    others = z.copy()
+    others[rows, labels] = -np.inf
+    return z[rows, labels] - special.logsumexp(others, axis=1)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example loss -log p_y, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    return special.logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]
 
 
 def lira_offline_scores(target: np.ndarray, shadow_out: np.ndarray) -> np.ndarray:

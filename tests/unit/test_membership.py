@@ -1,0 +1,56 @@
+"""Statistics of the empirical audits."""
+
+import math
+
+import numpy as np
+import pytest
+
+from common.privacy.membership import (
+    cross_entropy,
+    lira_offline_scores,
+    logit_confidence,
+    one_run_epsilon_lower_bound,
+    one_run_p_value,
+    roc,
+)
+
+
+def test_roc_of_separated_and_identical_scores():
+    perfect = roc(np.array([5.0, 6.0, 7.0]), np.array([0.0, 1.0]))
+    assert perfect.auc == 1.0 and perfect.tpr_at_1pct_fpr == 1.0
+    chance = roc(np.zeros(50), np.zeros(50))
+    assert chance.auc == 0.5 and chance.tpr_at_1pct_fpr == 0.0
+    with pytest.raises(ValueError, match="NaN"):
+        roc(np.array([np.nan]), np.array([0.0]))
+
+
+def test_logit_confidence_is_finite_where_the_softmax_saturates():
+    logits = np.array([[60.0, 0.0, 0.0], [0.0, 1.0, 2.0]], dtype=np.float32)
+    conf = logit_confidence(logits, np.array([0, 2]))
+    assert np.all(np.isfinite(conf))
+    assert conf[0] == pytest.approx(60 - math.log(2), rel=1e-9)
+    p = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
+    assert conf[1] == pytest.approx(math.log(p[2] / (1 - p[2])))
+    assert cross_entropy(logits, np.array([0, 2]))[1] == pytest.approx(-math.log(p[2]))
+
+
+def test_lira_scores_rank_examples_above_their_out_distribution_higher():
+    shadow = np.array([[0.0, 0.0], [0.2, 0.2], [-0.2, -0.2]])
+    scores = lira_offline_scores(np.array([3.0, 0.0]), shadow)
+    assert scores[0] > scores[1]
+
+
+def test_one_run_bound_is_zero_for_coin_flips_and_grows_with_correct_guesses():
+    assert one_run_epsilon_lower_bound(1000, 200, 100, 1e-5) == 0.0
+    weak = one_run_epsilon_lower_bound(1000, 200, 140, 1e-5)
+    strong = one_run_epsilon_lower_bound(1000, 200, 190, 1e-5)
+    assert 0 < weak < strong
+    # at the bound the observation is just barely significant
+    assert one_run_p_value(1000, 200, 190, strong, 1e-5) == pytest.approx(0.05, abs=1e-3)
+
+
+def test_perfect_guessing_is_capped_by_the_number_of_guesses():
+    """All 100 right: with delta = 0 the bound is where q^100 = 0.05, i.e. log(q / (1 - q))."""
+    bound = one_run_epsilon_lower_bound(1000, 100, 100, 0.0)
+    q = 0.05 ** (1 / 100)
+    assert bound == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
