@@ -165,9 +165,10 @@ def canary_audit(run_dir: Path, canaries: int, control: bool = True) -> dict[str
 
 
 def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) -> dict[str, Any]:
-    """Score = how much lower a canary's loss is under the canary run's model than under `reference`, a model
-    trained without canaries (the audited run itself). The reference does not depend on the coins, so the
-    guarantee of the one-run analysis is untouched; it removes each canary's own difficulty from its score."""
+    """Score = the relative drop of a canary's loss, log(loss under `reference`) - log(loss under the canary
+    run's model), where `reference` is the same training without canaries. The reference does not depend on the
+    coins, so the one-run analysis still holds; the ratio takes each canary's own difficulty out of its score
+    (a plain difference is dominated by the large losses of confidently wrong canaries)."""
     planted = canaries_for(config)
     m = len(planted.included)
     scores = np.empty(m)
@@ -176,8 +177,9 @@ def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) ->
         shift = ScannerShift.for_site(site, config.seed, config.site_shift)
         pixels = to_tensor(canary_pixels(planted, mine, shift))
         labels = planted.images.labels[mine]
-        scores[mine] = (cross_entropy(logits_of(reference, pixels), labels)
-                        - cross_entropy(logits_of(model, pixels), labels))
+        before = np.maximum(cross_entropy(logits_of(reference, pixels), labels), 1e-12)
+        after = np.maximum(cross_entropy(logits_of(model, pixels), labels), 1e-12)
+        scores[mine] = np.log(before) - np.log(after)
     k = max(1, int(math.floor(CANARY_GUESS_FRACTION * m)))
     order = np.argsort(-scores, kind="stable")
     guessed_in, guessed_out = order[:k], order[-k:]

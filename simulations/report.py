@@ -228,7 +228,7 @@ def _canaries(canaries: dict[str, Any] | None) -> str:
              arm["epsilon_lower_bound"], arm["theoretical_epsilon"] if arm["dp"] else "none",
              "yes" if arm["consistent"] else "NO"] for name, arm in canaries["arms"].items()]
     return (f"<p>{canaries['canaries']} canaries (held-out images with a wrong label), each in training with "
-            f"probability 1/2; scored by how much lower their loss is than under the same training without "
+            f"probability 1/2; scored by the relative drop of their loss against the same training without "
             f"canaries; guesses on the "
             f"top and bottom {canaries['guess_fraction']:.0%} of scores; lower bound at 95% confidence "
             "(Steinke, Nasr and Jagielski 2023).</p>"
