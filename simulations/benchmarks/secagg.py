@@ -17,7 +17,9 @@ Reported per configuration (n sites, m float32 parameters, dropout fraction):
   about one local DP-SGD round of the default CNN here; 0 gives the pure protocol overhead);
 - upload: mean bytes a surviving site sends per round (protobuf size of its replies) over the float32 update.
 Dropouts: that fraction of the sites stops answering after sharing keys (the costly case: their pairwise masks
-must be reconstructed). Flower's SecAgg+ gets an odd num_shares (even values crash its clients in 1.42).
+must be reconstructed). The sparse SecAgg+ graph uses a majority threshold per neighbourhood (dropout rate 0.5),
+so 10% random dropouts cannot exhaust a neighbourhood of 2 log2 n. Flower's SecAgg+ gets an odd num_shares
+(even values crash its clients in 1.42).
 """
 
 from __future__ import annotations
@@ -315,12 +317,17 @@ def main() -> None:
                 degree = sparse_degree(n)
                 if degree:
                     systems.append((f"CareFed secagg+ (k={degree})",
-                                    partial(carefed_round, n, m, dropped, True, degree, 0.3, train)))
+                                    partial(carefed_round, n, m, dropped, True, degree, 0.5, train)))
                 if not args.no_flower:
                     systems.append(("Flower 1.42 SecAgg+", partial(flower_round, n, m, dropped, train)))
                 plain_round = None
                 for name, measure in systems:
-                    result = measure()
+                    try:
+                        result = measure()
+                    except RuntimeError as err:  # an aborted round is a result too: say so and go on
+                        print(f"| {n} | {m:.0e} | {fraction:.0%} | {name} | aborted: {err} |||||", flush=True)
+                        rows.append({"n": n, "m": m, "dropout": fraction, "system": name, "aborted": str(err)})
+                        continue
                     plain_round = plain_round or result["round_with_training_s"]
                     row = {"n": n, "m": m, "dropout": fraction, "system": name, **result,
                            "x_plain": result["round_with_training_s"] / plain_round}
