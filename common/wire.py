@@ -1,11 +1,15 @@
 """How protocol values travel in Flower records: node ids as 8-byte strings (ConfigRecord ints are signed
-64-bit, Flower node ids are unsigned 64-bit), the protocol config as a flat record."""
+64-bit, Flower node ids are unsigned 64-bit), the protocol config as a flat record, arrays read without copies."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, fields
 from typing import Any
+
+import numpy as np
+from numpy.lib import format as npy_format
 
 from common.secagg.keys import node_bytes
 from common.secagg.protocol import ProtocolConfig
@@ -31,3 +35,28 @@ def protocol_config_to_record(config: ProtocolConfig) -> dict[str, Any]:
 def protocol_config_from_record(record: Mapping[str, Any]) -> ProtocolConfig:
     values = {f.name: record[f"protocol-{f.name}"] for f in fields(ProtocolConfig)}
     return ProtocolConfig(**values)
+
+
+def array_view(data: bytes, dtype: np.dtype | type, length: int) -> np.ndarray:
+    """A read-only view of a Flower Array's .npy bytes as a flat `dtype` vector of `length` values.
+
+    Flower's Array.numpy() copies into a fresh array; for model-sized vectors from every site that copy (and its
+    page faults) dominates the server's aggregation. This parses the .npy header, checks dtype, order and size, and
+    views the payload in place. It refuses anything else, so a hostile reply cannot smuggle in another type.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(stream)
+        read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, found = read_header(stream)
+    except ValueError as err:
+        raise ValueError(f"not a .npy array: {err}") from err
+    expected = np.dtype(dtype)
+    if found != expected or fortran or int(np.prod(shape)) != length:
+        raise ValueError(f"expected {length} values of {expected}, got shape {shape} of {found}")
+    offset = stream.tell()
+    if len(data) - offset != length * expected.itemsize:
+        raise ValueError("array payload has the wrong size")
+    return np.frombuffer(data, dtype=expected, count=length, offset=offset)

@@ -7,10 +7,11 @@ The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -22,7 +23,7 @@ from common.secagg.encoding import FixedPoint
 from common.secagg.errors import SecAggAbort
 from common.secagg.protocol import ProtocolConfig, model_digest
 from common.secagg.server import ServerSession
-from common.wire import ids_from_wire, ids_to_wire, protocol_config_to_record
+from common.wire import array_view, ids_from_wire, ids_to_wire, protocol_config_to_record
 from server.aggregation import DeltaSum
 
 ReplyHandler = Callable[[int, RecordDict], None]
@@ -101,12 +102,9 @@ class SecAggRound:
             return content
 
         replies = self._exchange(list(requests), masked_content)
-        masked = {}
         for node, content in replies.items():
             self.on_train_reply(node, content)
-            if messages.MASKED_UPDATE in content:
-                masked[node] = content[messages.MASKED_UPDATE]["masked"].numpy()
-        unmask_request = self.session.receive_masked_inputs(masked)
+        unmask_request = self.session.receive_masked_inputs(self._masked_vectors(replies))
         # 4. unmask
         unmask_record = ConfigRecord({
             "stage": messages.STAGE_UNMASK, **common, "session": self.session.session,
@@ -144,6 +142,17 @@ class SecAggRound:
                 continue
             replies[node] = reply.content
         return replies
+
+    def _masked_vectors(self, replies: dict[int, RecordDict]) -> Iterator[tuple[int, np.ndarray]]:
+        """Each reply's masked vector, viewed in place; malformed ones are skipped (the site counts as dropped)."""
+        for node, content in replies.items():
+            record = content.get(messages.MASKED_UPDATE)
+            if record is None or "masked" not in record:
+                continue
+            try:
+                yield node, array_view(record["masked"].data, np.uint32, self.protocol.vector_length)
+            except ValueError as err:
+                log(WARNING, "Round %d: node %d sent a malformed masked vector: %s", self.round, node, err)
 
     @staticmethod
     def _secagg_records(replies: dict[int, RecordDict]) -> dict[int, ConfigRecord]:

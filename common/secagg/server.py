@@ -8,7 +8,7 @@ round aborts (SecAggAbort) and nothing individual has been revealed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -127,19 +127,23 @@ class ServerSession:
         return {u: MaskedInputRequest(routed[u], self.shares_alive) for u in self.shares_alive}
 
     # -- stage 2 -> 3 ----------------------------------------------------------------------------------------
-    def receive_masked_inputs(self, inputs: Mapping[int, np.ndarray]) -> UnmaskRequest:
-        """U3: well-formed masked inputs. Only their running sum is kept."""
+    def receive_masked_inputs(self, inputs: Mapping[int, np.ndarray] | Iterable[tuple[int, np.ndarray]]
+                              ) -> UnmaskRequest:
+        """U3: well-formed masked inputs. Only their running sum is kept (inputs may be a lazy iterable)."""
         self._expect(ServerStage.COLLECT_MASKED_INPUTS)
         length = self.config.vector_length
-        ok = {u: y for u, y in inputs.items()
-              if u in self.shares_alive and isinstance(y, np.ndarray) and y.dtype == np.uint32 and y.shape == (length,)}
-        self.survivors = sorted(ok)
-        self.dropped = sorted(set(self.shares_alive) - set(ok))
+        total = np.zeros(length, dtype=np.uint32)
+        alive, received = set(self.shares_alive), set()
+        pairs = inputs.items() if isinstance(inputs, Mapping) else inputs
+        for u, y in pairs:
+            if u in alive and u not in received and isinstance(y, np.ndarray) and y.dtype == np.uint32 \
+                    and y.shape == (length,):
+                np.add(total, y, out=total)
+                received.add(u)
+        self.survivors = sorted(received)
+        self.dropped = sorted(alive - received)
         self._note_drops("masked-input", set(self.dropped))
         self._check_recoverable(set(self.survivors), "masked input")
-        total = np.zeros(length, dtype=np.uint32)
-        for u in self.survivors:
-            np.add(total, ok[u], out=total)
         self._sum = total
         self.stage = ServerStage.COLLECT_UNMASKING
         return UnmaskRequest(self.survivors, self.dropped)

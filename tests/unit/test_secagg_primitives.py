@@ -118,3 +118,19 @@ def test_stochastic_rounding_is_unbiased():
     decoded = codec.decode_sum(np.sum([codec.encode(np.full(1000, value)) for _ in range(20)], axis=0,
                                       dtype=np.uint32))
     assert abs(decoded.mean() / 20 - value) < 0.1 * codec.resolution
+
+
+def test_array_view_reads_npy_bytes_in_place_and_refuses_anything_else():
+    from flwr.app import Array
+
+    from common.wire import array_view
+
+    vector = np.arange(10, dtype=np.uint32)
+    view = array_view(Array(vector).data, np.uint32, 10)
+    assert np.array_equal(view, vector) and not view.flags.writeable
+    with pytest.raises(ValueError, match="expected 10 values of uint32"):
+        array_view(Array(vector.astype(np.int64)).data, np.uint32, 10)
+    with pytest.raises(ValueError, match="expected 11 values"):
+        array_view(Array(vector).data, np.uint32, 11)
+    with pytest.raises(ValueError, match="not a .npy array"):
+        array_view(b"garbage" * 20, np.uint32, 10)
