@@ -4,11 +4,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.secagg_mod import secagg_mod
+from client.simulated_faults import fault_mod
 from client.site import evaluate_site, train_site
 from common.logs import tidy_logging
 
 tidy_logging()
-app = ClientApp(mods=[secagg_mod])  # secure aggregation wraps every message; plain messages pass through
+# fault_mod: scenario-driven dropouts, simulated sites only; secagg_mod: secure aggregation (plain messages pass)
+app = ClientApp(mods=[fault_mod, secagg_mod])
 
 
 @app.train()

@@ -7,7 +7,9 @@ which Flower keeps for the node across rounds, so epsilon is composed over the w
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,11 @@ def noise_generator(context: Context, config: RunConfig, site: int, server_round
 def model_for(config: RunConfig, data: SiteData, num_classes: int) -> torch.nn.Module:
     channels, height, _ = data.train_x.shape[1:]
     return build_model(config.model, in_channels=channels, num_classes=num_classes, image_size=height)
+
+
+def site_device(config: RunConfig) -> torch.device:
+    """A GPU when the run gives sites a GPU share (client-num-gpus > 0) and this node has one; else the CPU."""
+    return torch.device("cuda") if config.client_num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def site_state_dir(context: Context, config: RunConfig, site: int) -> Path:
@@ -127,12 +134,28 @@ def privacy_report(site: int, privacy: SitePrivacy, max_images_per_patient: int,
     })
 
 
+def record_placement(context: Context, config: RunConfig, site: int) -> None:
+    """Simulation diagnostics: which Ray node (machine) ran this site, in sites/site-NNNN/placement.json."""
+    if not is_simulated(context):
+        return
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except ImportError:  # pragma: no cover - ray ships with flwr[simulation]
+        node = "local"
+    path = site_state_dir(context, config, site) / "placement.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ray_node": node, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+
+
 def train_site(content: RecordDict, context: Context) -> RecordDict:
     """Run one round at this site: check the budget, train with DP-SGD, return the delta and the reports."""
     config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
     server_round = int(content[messages.ROUND]["round"])
     site = site_id(context)
     torch.set_num_threads(config.client_threads)
+    record_placement(context, config, site)
     data = load_site_data(config, site)
     num_classes = _num_classes(config)
 
@@ -144,7 +167,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
         units = len(np.unique(data.train_patients)) if patient_unit else data.num_train  # what is sampled
         per_batch = patients_per_batch(config, data) if patient_unit else config.batch_size
         privacy = load_privacy(context, ledger, config.run_name, site) or SitePrivacy.calibrate(
-            target_epsilon=config.target_epsilon, delta=config.target_delta, num_examples=units,
+            target_epsilon=config.budget_for(site), delta=config.target_delta, num_examples=units,
             batch_size=per_batch, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
             max_grad_norm=config.max_grad_norm)
         if not privacy.can_afford_next_round():
@@ -158,6 +181,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
 
     model = model_for(config, data, num_classes)
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
+    model.to(site_device(config))
     generator = noise_generator(context, config, site, server_round)
     if patient_unit and privacy is not None:
         update = train_patient_level(model, data, config, privacy, generator)
@@ -191,7 +215,7 @@ def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
     data = load_site_data(config, site)
     model = model_for(config, data, _num_classes(config))
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
-    loss, accuracy = evaluate_model(model, data.test_x, data.test_y)
+    loss, accuracy = evaluate_model(model.to(site_device(config)), data.test_x, data.test_y)
     return RecordDict({messages.EVAL_METRICS: MetricRecord({
         "site": site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,
     })})

@@ -38,6 +38,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     With `privacy`, this is DP-SGD: a PrivacyEngine whose PRV accountant is loaded with the site's whole history,
     so its epsilon is composed over every round so far. `generator` drives Poisson sampling and the noise.
     """
+    device = next(model.parameters()).device  # the caller put the model on the site's CPU or GPU
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size,
                         shuffle=privacy is None, generator=generator)
@@ -53,7 +54,8 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
         engine.accountant.load_state_dict(privacy.accountant().state_dict())
         module, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, noise_generator=generator,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True,
+            noise_generator=noise_generator_on(device, generator),
         )
         if abs(1.0 / len(loader) - privacy.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at rate {1.0 / len(loader)} but noise was calibrated for "
@@ -63,6 +65,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(config.local_epochs):
             for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 if len(y) == 0:  # Poisson sampling can draw an empty batch: still a (noise-only) DP step
                     _noise_only_step(module, optimizer)
@@ -76,7 +79,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
         privacy.record_steps(engine.accountant.state_dict())
         if isinstance(module, AbstractGradSampleModule):
             module.to_standard_module()  # remove Opacus's hooks so the model can be trained again
-    delta = {k: (v.detach() - global_weights[k]) for k, v in model.state_dict().items()}
+    delta = {k: (v.detach() - global_weights[k]).cpu() for k, v in model.state_dict().items()}
     return LocalUpdate(delta, len(data.train_y), sum(losses) / max(len(losses), 1), steps)
 
 
@@ -90,6 +93,7 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     """
     patients, images_of = patient_index(data.train_patients)
     num_patients = len(images_of)
+    device = next(model.parameters()).device
     if abs(1.0 / math.ceil(num_patients / patients_per_batch(config, data)) - privacy.sample_rate) > 1e-12:
         raise RuntimeError("the site's patients changed during the run; its noise was calibrated for others")
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -98,7 +102,8 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     base = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
     expected = num_patients * privacy.sample_rate
     optimizer = DPOptimizer(base, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                            expected_batch_size=max(1, round(expected)), loss_reduction="mean", generator=generator)
+                            expected_batch_size=max(1, round(expected)), loss_reduction="mean",
+                            generator=noise_generator_on(device, generator))
     accountant = privacy.accountant()
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
     steps = 0
@@ -111,19 +116,28 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
                 _noise_only_step(module, optimizer)
             else:
                 rows = torch.cat([images_of[int(c)] for c in chosen])
-                loss = nn.functional.cross_entropy(module(data.train_x[rows]), data.train_y[rows], reduction="sum")
+                x, y = data.train_x[rows].to(device), data.train_y[rows].to(device)
+                loss = nn.functional.cross_entropy(module(x), y, reduction="sum")
                 loss.backward()
-                owner = torch.searchsorted(chosen, patients[rows])  # batch-local patient index of each image
+                owner = torch.searchsorted(chosen, patients[rows]).to(device)  # batch-local patient of each image
                 for p in module.parameters():
                     if p.requires_grad and p.grad_sample is not None:
-                        per_patient = torch.zeros((len(chosen), *p.shape), dtype=p.grad_sample.dtype)
+                        per_patient = torch.zeros((len(chosen), *p.shape), dtype=p.grad_sample.dtype, device=device)
                         p.grad_sample = per_patient.index_add_(0, owner, p.grad_sample)
                 optimizer.step()
             steps += 1
     module.to_standard_module()
     privacy.record_steps(accountant.state_dict())
-    delta = {k: (v.detach() - global_weights[k]) for k, v in model.state_dict().items()}
+    delta = {k: (v.detach() - global_weights[k]).cpu() for k, v in model.state_dict().items()}
     return LocalUpdate(delta, len(data.train_y), float("nan"), steps)
+
+
+def noise_generator_on(device: torch.device, generator: torch.Generator) -> torch.Generator:
+    """Opacus draws noise on the parameters' device; sampling stays on the CPU generator, which seeds this one."""
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def patient_index(patient_ids: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -145,5 +159,5 @@ def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> Non
     """An empty Poisson batch: zero per-sample gradients, so the step adds only calibrated noise."""
     for p in module.parameters():
         if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()

@@ -19,7 +19,8 @@ from common.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = PROJECT_ROOT / "pyproject.toml"
 
-PARTITIONINGS = ("iid", "dirichlet")
+PARTITIONINGS = ("auto", "iid", "dirichlet", "resample")
+SITE_EVALUATIONS = ("auto", "all", "cohort")
 MODELS = ("cnn", "resnet18")
 PRIVACY_UNITS = ("image", "patient")
 
@@ -47,6 +48,15 @@ class RunConfig:
     partitioning: str
     dirichlet_alpha: float
     min_site_images: int
+    site_size_median: int  # resample: median images per site (log-normal sizes: many small clinics, few large)
+    site_size_spread: float  # resample: sigma of log(site size); 0: every site the median size
+    site_epsilons: str  # "" : every site's budget is target-epsilon; "3,8": site k gets the k mod 2-th value
+    site_evaluation: str  # "all" sites every round, the round's "cohort" only, or "auto" (all up to 50 sites)
+    dropout_advertise: float  # simulated dropout probabilities per secure-aggregation stage
+    dropout_share_keys: float
+    dropout_masked_input: float  # the site leaves before training (plain mode: before replying)
+    dropout_unmask: float
+    straggler_probability: float  # the site trains (and spends budget) but its reply never arrives
     site_shift: float  # strength of the per-site scanner shift; 0 disables it
     local_test_fraction: float
     update_clip_norm: float  # L2 bound on a site's model delta (post-processing; makes secure aggregation exact)
@@ -94,6 +104,19 @@ class RunConfig:
         return new
 
     @property
+    def site_budgets(self) -> list[float]:
+        return [float(v) for v in self.site_epsilons.split(",")] if self.site_epsilons.strip() else []
+
+    def budget_for(self, site: int) -> float:
+        """Site `site`'s epsilon budget for the whole run."""
+        budgets = self.site_budgets
+        return budgets[site % len(budgets)] if budgets else self.target_epsilon
+
+    @property
+    def evaluates_all_sites(self) -> bool:
+        return self.site_evaluation == "all" or (self.site_evaluation == "auto" and self.num_sites <= 50)
+
+    @property
     def planned_rounds(self) -> int:
         return self.privacy_planned_rounds or self.num_server_rounds
 
@@ -127,7 +150,22 @@ class RunConfig:
             _fail("privacy_unit", self.privacy_unit, f"must be one of {PRIVACY_UNITS}")
         if self.partitioning not in PARTITIONINGS:
             _fail("partitioning", self.partitioning, f"must be one of {PARTITIONINGS}")
-        if self.partitioning == "dirichlet" and not self.dirichlet_alpha > 0:
+        if self.site_size_median < self.min_site_images or not self.site_size_spread >= 0:
+            _fail("site_size_median", self.site_size_median,
+                  f"must be at least min-site-images ({self.min_site_images}), with site-size-spread >= 0")
+        if self.site_evaluation not in SITE_EVALUATIONS:
+            _fail("site_evaluation", self.site_evaluation, f"must be one of {SITE_EVALUATIONS}")
+        for name in ("dropout_advertise", "dropout_share_keys", "dropout_masked_input", "dropout_unmask",
+                     "straggler_probability"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be a probability in [0, 1)")
+        try:
+            budgets = self.site_budgets
+        except ValueError:
+            _fail("site_epsilons", self.site_epsilons, "must be empty or comma-separated numbers, e.g. \"3,8\"")
+        if any(not (b > 0 and math.isfinite(b)) for b in budgets):
+            _fail("site_epsilons", self.site_epsilons, "every budget must be a positive, finite epsilon")
+        if self.partitioning in ("dirichlet", "resample") and not self.dirichlet_alpha > 0:
             _fail("dirichlet_alpha", self.dirichlet_alpha, "must be positive (smaller = more label skew)")
         if not self.site_shift >= 0:
             _fail("site_shift", self.site_shift, "must be 0 (off) or positive")

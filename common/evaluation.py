@@ -13,9 +13,11 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if len(labels) == 0:
         return float("nan"), float("nan")
     model.eval()
+    device = next(model.parameters()).device
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())

@@ -127,9 +127,13 @@ class SecAggRound:
             len(unmask_request.alive), len(u1) - len(unmask_request.alive))
 
     def _exchange(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict]) -> dict[int, RecordDict]:
-        """Send one stage to `nodes`; keep the replies that are not errors or protocol refusals."""
-        out = [Message(content=content_for(node), dst_node_id=node, message_type=MessageType.TRAIN,
-                       group_id=str(self.round)) for node in nodes]
+        """Send one stage to `nodes` (with the public run config); keep replies that are not errors or refusals."""
+        out = []
+        for node in nodes:
+            content = content_for(node)
+            content[messages.RUN_CONFIG] = self.train_content[messages.RUN_CONFIG]
+            out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
+                               group_id=str(self.round)))
         replies: dict[int, RecordDict] = {}
         for reply in self.grid.send_and_receive(out, timeout=self.config.round_timeout):
             node = reply.metadata.src_node_id

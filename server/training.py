@@ -17,8 +17,7 @@ from flwr.serverapp import Grid
 
 from common import messages
 from common.config import RunConfig
-from common.data.partition import partition_indices
-from common.data.site import load_source_for, to_tensor
+from common.data.site import check_partitions, load_source_for, resolve_partitioning, to_tensor
 from common.evaluation import evaluate_model
 from common.models import build_model, count_parameters
 from common.update_codec import flatten
@@ -44,10 +43,9 @@ class FederatedTraining:
 
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid = grid
-        self.config = config = with_run_name(config)
+        self.config = config = resolve_partitioning(with_run_name(config))
         source = load_source_for(config)  # fails early, before any folder exists, on bad data
-        partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
-                          alpha=config.dirichlet_alpha, seed=config.seed, min_site_images=config.min_site_images)
+        check_partitions(config, source)
         channels, height, _ = source.image_shape
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, in_channels=channels, num_classes=source.num_classes,
@@ -69,7 +67,7 @@ class FederatedTraining:
 
     def _rounds(self) -> tuple[int, str]:
         nodes = self._wait_for_nodes()
-        self._record(0, RoundOutcome(), self._evaluate_sites(nodes, 0))
+        self._record(0, RoundOutcome(), self._evaluate_sites(nodes if self.config.evaluates_all_sites else [], 0))
         for server_round in range(1, self.config.num_server_rounds + 1):
             eligible = [n for n in nodes if n not in self.exhausted]
             if not eligible:
@@ -90,7 +88,7 @@ class FederatedTraining:
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
             else:
                 log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
-            site_metrics = self._evaluate_sites(nodes, server_round)
+            site_metrics = self._evaluate_sites(nodes if self.config.evaluates_all_sites else cohort, server_round)
             self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started)
             self.folder.checkpoint(server_round, self.model.state_dict())
         return self.config.num_server_rounds, "all rounds done"
@@ -168,7 +166,10 @@ class FederatedTraining:
         return True
 
     def _evaluate_sites(self, nodes: list[int], server_round: int) -> dict[int, float]:
+        """Each listed site's accuracy on its own held-out split (all sites, or the round's cohort at scale)."""
         accuracy: dict[int, float] = {}
+        if not nodes:
+            return accuracy
         for reply in self._send(nodes, MessageType.EVALUATE, server_round):
             if reply.has_error():
                 log(WARNING, "Evaluation: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
@@ -181,11 +182,13 @@ class FederatedTraining:
                 seconds: float = 0.0) -> None:
         loss, acc = evaluate_model(self.model, self.test_x, self.test_y)
         latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
+        evaluated = "all" if self.config.evaluates_all_sites else "cohort"
         row: dict[str, Any] = {
             "round": server_round,
             "global-loss": loss,
             "global-accuracy": acc,
             "site-accuracy": {str(k): v for k, v in site_accuracy.items()},
+            "sites-evaluated": evaluated,
             "mean-site-accuracy": float(np.mean(list(site_accuracy.values()))) if site_accuracy else None,
             "worst-site-accuracy": min(site_accuracy.values()) if site_accuracy else None,
             "max-epsilon": max(latest_epsilon) if latest_epsilon else 0.0,

@@ -40,8 +40,10 @@ def _root() -> None:
 
 
 class Partitioning(StrEnum):
+    auto = "auto"
     iid = "iid"
     dirichlet = "dirichlet"
+    resample = "resample"
 
 
 class Model(StrEnum):
@@ -107,6 +109,8 @@ def simulate(
     output: Annotated[str | None, typer.Option(help="Folder that receives runs/<run-id>/.")] = None,
     run_name: Annotated[str | None, typer.Option(help="Run id (folder name); default: time and seed.")] = None,
     scenario: Annotated[Path | None, typer.Option(help="Scenario TOML (simulations/scenarios/).")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        envvar="RAY_ADDRESS", help="Run on an existing Ray cluster (host:port of its head), not a local one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option(help="Flower debug logs.")] = False,
 ) -> None:
@@ -121,6 +125,13 @@ def simulate(
         overrides["secagg"] = False
     try:
         config = with_run_name(resolve(scenario, overrides))
+        from common.data.site import resolve_partitioning
+
+        config = resolve_partitioning(config)
+        if config.partitioning == "resample" and overrides.get("partitioning") != "resample":
+            console.print(f"note: {config.num_sites} sites cannot each get {config.min_site_images} disjoint images "
+                          "of this data, so sites are drawn from the shared pool (partitioning = resample; images "
+                          "may repeat across sites)", soft_wrap=True, highlight=False)
         run_dir = Path(config.output_dir).expanduser().resolve() / config.run_name
         if run_dir.exists():
             raise _fail(2, f"run folder {run_dir} already exists; choose another --run-name (runs are never "
@@ -133,7 +144,7 @@ def simulate(
         raise _fail(err.exit_code, str(err)) from None
 
     try:
-        run_simulation(config, verbose=verbose)
+        run_simulation(config, ray_address=ray_address, verbose=verbose)
     except CareFedError as err:
         raise _fail(err.exit_code, str(err)) from None
     except Exception as err:  # the ServerApp's failure, already logged by Flower with its traceback

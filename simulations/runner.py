@@ -14,19 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.data.partition import partition_indices
-from common.data.site import load_site_data, load_source_for
+from common.data.site import check_partitions, load_site_data, load_source_for, resolve_partitioning
 from server.run_folder import with_run_name
+
+VALIDATED_SITES = 100  # beyond this, sites are built (and checked) when first sampled
 
 
 def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
     """Fail fast, before any folder is created, on data or partitions that cannot work."""
-    source = load_source_for(config)
-    partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
-                      alpha=config.dirichlet_alpha, seed=config.seed, min_site_images=config.min_site_images)
+    config = resolve_partitioning(config)
+    check_partitions(config, load_source_for(config))
     if check_sites:
-        for site in range(config.num_sites):
-            load_site_data(config, site)  # checks every site can keep a local test split
+        for site in range(min(config.num_sites, VALIDATED_SITES)):
+            load_site_data(config, site)  # checks the site can keep a local test split
 
 
 def backend_config(config: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose
     from client.app import app as client_app
     from server.app import app as server_app
 
-    config = with_run_name(config)
+    config = resolve_partitioning(with_run_name(config))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_mapping())

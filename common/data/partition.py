@@ -64,3 +64,29 @@ def _cached_partition(label_bytes: bytes, num_sites: int, scheme: str, alpha: fl
                 f"{scheme} partition of {len(labels)} images over {num_sites} sites; use fewer sites."
             )
     return parts
+
+
+def resampled_indices(labels: np.ndarray, *, site: int, seed: int, median: int, spread: float, alpha: float,
+                      min_site_images: int) -> np.ndarray:
+    """One virtual site drawn from a shared pool, built only when that site is needed (O(1) memory in sites).
+
+    Size: log-normal around `median` (many small clinics, a few large hospitals), at least `min_site_images`.
+    Case mix: class proportions from Dirichlet(alpha) (large alpha: close to the pool's mix). Images are distinct
+    within a site; different virtual sites may share pool images, which is what makes a thousand sites possible
+    on a small pool (declared wherever this scheme is used).
+    """
+    rng = np.random.default_rng([seed, site, 0x5123])
+    size = int(round(median * np.exp(spread * rng.standard_normal())))
+    size = int(np.clip(size, min_site_images, len(labels)))
+    classes = np.unique(labels)
+    proportions = rng.dirichlet(np.full(len(classes), alpha))
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    counts = rng.multinomial(size, proportions)
+    picked = []
+    for pool, count in zip(by_class, counts, strict=True):
+        picked.append(rng.choice(pool, size=min(count, len(pool)), replace=False))
+    chosen = np.concatenate(picked)
+    if len(chosen) < min_site_images:  # tiny alpha piled the draw onto a small class: top up from the rest
+        rest = np.setdiff1d(np.arange(len(labels)), chosen)
+        chosen = np.concatenate([chosen, rng.choice(rest, size=min_site_images - len(chosen), replace=False)])
+    return np.sort(chosen)

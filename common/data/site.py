@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data.partition import partition_indices
+from common.data.partition import partition_indices, resampled_indices
 from common.data.shift import ScannerShift
 from common.data.sources import DataSource, ImageSet, load_source
 from common.errors import DataError
@@ -79,15 +79,39 @@ def canaries_for(config: RunConfig) -> Canaries:
     return Canaries(ImageSet(pool.images, wrong), np.arange(m) % config.num_sites, rng.random(m) < 0.5)
 
 
+def site_indices(config: RunConfig, source: DataSource, site: int) -> np.ndarray:
+    """Which pool images site `site` holds."""
+    config = resolve_partitioning(config)
+    if config.partitioning == "resample":
+        return resampled_indices(source.train.labels, site=site, seed=config.seed, median=config.site_size_median,
+                                 spread=config.site_size_spread, alpha=config.dirichlet_alpha,
+                                 min_site_images=config.min_site_images)
+    return partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
+                             alpha=config.dirichlet_alpha, seed=config.seed,
+                             min_site_images=config.min_site_images)[site]
+
+
+def resolve_partitioning(config: RunConfig) -> RunConfig:
+    """'auto' becomes 'iid' while the pool gives every site min-site-images disjoint images, else 'resample'."""
+    if config.partitioning != "auto":
+        return config
+    pool = len(load_source_for(config).train)
+    return config.replace(partitioning="iid" if pool >= config.num_sites * config.min_site_images else "resample")
+
+
+def check_partitions(config: RunConfig, source: DataSource) -> None:
+    """Fail early if the federation cannot be partitioned (disjoint schemes); resampled sites always can."""
+    if config.partitioning in ("iid", "dirichlet"):
+        partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
+                          alpha=config.dirichlet_alpha, seed=config.seed, min_site_images=config.min_site_images)
+
+
 def load_site_data(config: RunConfig, site: int) -> SiteData:
     """Materialise one site's data: its partition, its patients, its scanner, its train/test split."""
     if not 0 <= site < config.num_sites:
         raise DataError(f"site {site} does not exist in a federation of {config.num_sites} sites.")
     source = load_source_for(config)
-    parts = partition_indices(source.train.labels, num_sites=config.num_sites, scheme=config.partitioning,
-                              alpha=config.dirichlet_alpha, seed=config.seed,
-                              min_site_images=config.min_site_images)
-    images: ImageSet = source.train.subset(parts[site])
+    images: ImageSet = source.train.subset(site_indices(config, source, site))
     rng = np.random.default_rng([config.seed, site, 0x517E])
     order = rng.permutation(len(images))
     images = images.subset(order)

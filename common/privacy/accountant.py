@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from opacus.accountants import PRVAccountant
@@ -23,8 +24,11 @@ ACCOUNTANT = "prv"
 CALIBRATION_TOLERANCE = 0.01
 
 
+@lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise (within 0.01 in epsilon) whose PRV epsilon after `steps` steps is <= target."""
+    """The smallest noise (within 0.01 in epsilon) whose PRV epsilon after `steps` steps is <= target.
+
+    Pure and cached: in a large federation many sites share a sampling rate, and calibration costs seconds."""
     if steps < 1 or not 0 < sample_rate <= 1:
         raise ConfigError("privacy", f"steps={steps}, sample-rate={sample_rate}", "cannot calibrate noise",
                           "Check local-epochs, batch-size and the site's data size.")
@@ -76,10 +80,10 @@ class SitePrivacy:
 
     def epsilon(self) -> float:
         """PRV epsilon spent so far over the whole run (0 before the first step)."""
-        return float(self.accountant().get_epsilon(self.delta)) if self.history else 0.0
+        return prv_epsilon(tuple(self.history), self.delta) if self.history else 0.0
 
     def epsilon_after_next_round(self) -> float:
-        return float(self.accountant(self.steps_per_round).get_epsilon(self.delta))
+        return prv_epsilon(tuple(self.accountant(self.steps_per_round).history), self.delta)
 
     def can_afford_next_round(self) -> bool:
         return self.epsilon_after_next_round() <= self.target_epsilon
@@ -112,6 +116,14 @@ class SitePrivacy:
         return cls(float(record["target-epsilon"]), float(record["delta"]), float(record["noise-multiplier"]),
                    float(record["sample-rate"]), int(record["steps-per-round"]), float(record["max-grad-norm"]),
                    int(record["planned-rounds"]), [(float(s), float(q), int(n)) for s, q, n in history])
+
+
+@lru_cache(maxsize=4096)
+def prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Opacus PRV epsilon of a history (pure, so cached: sites of equal size share their numbers)."""
+    accountant = PRVAccountant()
+    accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
+    return float(accountant.get_epsilon(delta))
 
 
 def _merge(history: list[tuple[float, float, int]], entry: tuple[float, float, int]) -> list[tuple[float, float, int]]:

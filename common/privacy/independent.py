@@ -7,6 +7,7 @@ Gaussian mechanisms composed in order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
@@ -29,6 +30,11 @@ def _events(history: History) -> list[dp_event.DpEvent]:
 
 def pld_epsilon(history: History, delta: float) -> float:
     """Epsilon from dp-accounting's privacy-loss-distribution accountant (tight, pessimistic discretisation)."""
+    return _pld_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta)
+
+
+@lru_cache(maxsize=4096)
+def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)

@@ -27,7 +27,7 @@ def _broken_files(tmp: Path) -> dict[str, Path]:
     (["--data", "{corrupt}"], "not a readable .npz"),
     (["--data", "{keys}"], "lacks the key"),
     (["--data", "{range}", "--sites", "2"], None),  # labels beyond num-classes: see below
-    (["--sites", "400"], "cannot give 400 sites at least 20 images"),
+    (["--sites", "400", "--partitioning", "iid"], "cannot give 400 sites at least 20 images"),
     (["--partitioning", "dirichlet", "--alpha", "0.001", "--sites", "60"], "raise dirichlet-alpha"),
     (["--scenario", "nope.toml"], "file not found"),
     (["--sites", "abc"], "Invalid value"),
