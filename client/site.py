@@ -134,8 +134,10 @@ def privacy_report(site: int, privacy: SitePrivacy, max_images_per_patient: int,
     })
 
 
-def record_placement(context: Context, config: RunConfig, site: int) -> None:
-    """Simulation diagnostics: which Ray node (machine) ran this site, in sites/site-NNNN/placement.json."""
+def record_placement(context: Context, config: RunConfig, site: int, server_round: int) -> None:
+    """Simulation diagnostics: which Ray node (machine) ran this site each round, in sites/site-NNNN/placement.jsonl.
+
+    On a multi-machine Ray cluster the run folder must be on storage every node mounts (site state lives there)."""
     if not is_simulated(context):
         return
     try:
@@ -144,9 +146,11 @@ def record_placement(context: Context, config: RunConfig, site: int) -> None:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except ImportError:  # pragma: no cover - ray ships with flwr[simulation]
         node = "local"
-    path = site_state_dir(context, config, site) / "placement.json"
+    path = site_state_dir(context, config, site) / "placement.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"ray_node": node, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    line = json.dumps({"round": server_round, "ray_node": node, "pid": os.getpid(), "host": socket.gethostname()})
+    with path.open("a") as out:
+        out.write(line + "\n")
 
 
 def train_site(content: RecordDict, context: Context) -> RecordDict:
@@ -155,7 +159,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     server_round = int(content[messages.ROUND]["round"])
     site = site_id(context)
     torch.set_num_threads(config.client_threads)
-    record_placement(context, config, site)
+    record_placement(context, config, site, server_round)
     data = load_site_data(config, site)
     num_classes = _num_classes(config)
 

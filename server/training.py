@@ -89,7 +89,7 @@ class FederatedTraining:
             else:
                 log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
             site_metrics = self._evaluate_sites(nodes if self.config.evaluates_all_sites else cohort, server_round)
-            self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started)
+            self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started, cohort=cohort)
             self.folder.checkpoint(server_round, self.model.state_dict())
         return self.config.num_server_rounds, "all rounds done"
 
@@ -165,6 +165,11 @@ class FederatedTraining:
         outcome.trained.append(site)
         return True
 
+    def _sites(self, nodes: Iterable[int]) -> list[int | str]:
+        """Site ids of these nodes; a node that never answered anything is named "node-<id>"."""
+        known = sorted(self.node_site[n] for n in nodes if n in self.node_site)
+        return [*known, *sorted(f"node-{n}" for n in nodes if n not in self.node_site)]
+
     def _evaluate_sites(self, nodes: list[int], server_round: int) -> dict[int, float]:
         """Each listed site's accuracy on its own held-out split (all sites, or the round's cohort at scale)."""
         accuracy: dict[int, float] = {}
@@ -175,11 +180,12 @@ class FederatedTraining:
                 log(WARNING, "Evaluation: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             metrics = reply.content[messages.EVAL_METRICS]
+            self.node_site[reply.metadata.src_node_id] = int(metrics["site"])
             accuracy[int(metrics["site"])] = float(metrics["accuracy"])
         return dict(sorted(accuracy.items()))
 
     def _record(self, server_round: int, outcome: RoundOutcome, site_accuracy: dict[int, float],
-                seconds: float = 0.0) -> None:
+                seconds: float = 0.0, cohort: Iterable[int] = ()) -> None:
         loss, acc = evaluate_model(self.model, self.test_x, self.test_y)
         latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
         evaluated = "all" if self.config.evaluates_all_sites else "cohort"
@@ -192,14 +198,15 @@ class FederatedTraining:
             "mean-site-accuracy": float(np.mean(list(site_accuracy.values()))) if site_accuracy else None,
             "worst-site-accuracy": min(site_accuracy.values()) if site_accuracy else None,
             "max-epsilon": max(latest_epsilon) if latest_epsilon else 0.0,
+            "sites-sampled": self._sites(cohort),
             "sites-trained": sorted(outcome.trained),
             "sites-refused": sorted(outcome.refused),
-            "nodes-failed": sorted(outcome.failed),
+            "sites-failed": self._sites(outcome.failed),
             "updates-aggregated": outcome.total.contributors,
             "updates-clipped": outcome.total.clipped,
             "secure-aggregation": self.config.secagg,
             "secagg-aborted": outcome.secagg_aborted,
-            "secagg-dropped": outcome.secagg_dropped,
+            "secagg-dropped": {stage: self._sites(nodes) for stage, nodes in outcome.secagg_dropped.items()},
             "seconds": seconds,
         }
         self.folder.record_round(row)

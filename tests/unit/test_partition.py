@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from common.data import load_site_data
-from common.data.partition import partition_indices
+from common.data.partition import partition_indices, resampled_indices
 from common.data.shift import ScannerShift
 from common.data.site import MAX_IMAGES_PER_PATIENT, synthetic_patients
 from common.errors import DataError
@@ -89,3 +89,43 @@ def test_zero_shift_is_the_identity():
 def test_unknown_site_is_refused(make_config):
     with pytest.raises(DataError, match="site 9 does not exist"):
         load_site_data(make_config(num_sites=4), 9)
+
+
+def _resampled(site: int, **kw) -> np.ndarray:
+    args = {"seed": 0, "median": 200, "spread": 1.0, "alpha": 1.0, "min_site_images": 20} | kw
+    return resampled_indices(LABELS, site=site, **args)
+
+
+def test_resampled_sites_are_reproducible_distinct_within_a_site_and_never_below_the_floor():
+    for site in range(50):
+        chosen = _resampled(site)
+        assert np.array_equal(chosen, _resampled(site))  # built lazily, identically each time it is needed
+        assert len(chosen) == len(np.unique(chosen)) >= 20
+        assert chosen.max() < len(LABELS)
+    assert not np.array_equal(_resampled(1), _resampled(2))
+    assert not np.array_equal(_resampled(1), _resampled(1, seed=1))
+
+
+def test_resampled_sizes_are_log_normal_around_the_median():
+    sizes = np.array([len(_resampled(site)) for site in range(400)])
+    assert 170 <= np.median(sizes) <= 235
+    assert sizes.max() > 4 * np.median(sizes)  # a few large hospitals ...
+    assert (sizes < np.median(sizes) / 2).mean() > 0.15  # ... and many small clinics
+    flat = {len(_resampled(site, spread=0.0)) for site in range(20)}
+    assert flat == {200}
+
+
+def test_small_alpha_skews_the_case_mix():
+    def skew(alpha: float) -> float:
+        return _label_skew([_resampled(site, alpha=alpha, spread=0.0) for site in range(40)])
+
+    assert skew(0.1) > 0.5 > 0.15 > skew(100.0)
+
+
+def test_a_federation_too_large_for_disjoint_sites_is_resampled_on_auto(make_config):
+    from common.data.site import resolve_partitioning
+
+    assert resolve_partitioning(make_config(num_sites=10)).partitioning == "iid"
+    assert resolve_partitioning(make_config(num_sites=1000)).partitioning == "resample"
+    site = load_site_data(make_config(num_sites=1000, partitioning="resample"), 999)
+    assert len(site.train_y) + len(site.test_y) >= 20
