@@ -1,16 +1,33 @@
 """CareFed's ClientApp: a hospital site. Flower loads it as `client.app:app`."""
 
-from flwr.app import Context, Message
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.egress import ALLOW_PLAIN_KEY, egress_guard, run_config_of
 from client.secagg_mod import secagg_mod
 from client.simulated_faults import fault_mod
-from client.site import evaluate_site, train_site
+from client.site import STATE_DIR_KEY, evaluate_site, is_simulated, site_id, site_state_dir, train_site
 from common.logs import tidy_logging
 
 tidy_logging()
-# fault_mod: scenario-driven dropouts, simulated sites only; secagg_mod: secure aggregation (plain messages pass)
-app = ClientApp(mods=[fault_mod, secagg_mod])
+
+
+def _egress_log_dir(context: Context, request: RecordDict) -> Path | None:
+    config = run_config_of(request)
+    if config is not None:
+        return site_state_dir(context, config, site_id(context))
+    return Path(str(context.node_config[STATE_DIR_KEY])) if STATE_DIR_KEY in context.node_config else None
+
+
+def _plain_allowed(context: Context) -> bool:
+    return is_simulated(context) or str(context.node_config.get(ALLOW_PLAIN_KEY, "false")).lower() == "true"
+
+
+# Outermost first. egress_guard checks every reply as it leaves (after masking); fault_mod: scenario-driven
+# dropouts, simulated sites only; secagg_mod: secure aggregation (plain messages pass through).
+app = ClientApp(mods=[egress_guard(_egress_log_dir, plain_allowed=_plain_allowed), fault_mod, secagg_mod])
 
 
 @app.train()

@@ -20,7 +20,8 @@ from client.trainer import patients_per_batch, train_locally, train_patient_leve
 from common import messages
 from common.config import RunConfig
 from common.data import SiteData, load_site_data
-from common.data.site import load_source_for
+from common.data.site import LocalDataSpec, load_deployed_site_data, load_source_for
+from common.errors import DataError
 from common.evaluation import evaluate_model
 from common.models import build_model
 from common.privacy import SitePrivacy
@@ -31,6 +32,8 @@ PRIVACY_STATE = "carefed.site-privacy"
 STATE_DIR_KEY = "state-dir"  # a deployed site's own folder for its ledger (node_config)
 SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode
 DEPLOYMENT_SITE_KEY = "site-id"  # set by a partner site with `flower-supernode --node-config "site-id=3"`
+# A deployed site's own images (node_config): a class-folder tree, a CSV manifest, or DICOM files + labels CSV
+DATA_KEY, LABELS_CSV_KEY, CLASS_NAMES_KEY, SKIP_UNREADABLE_KEY = "data", "labels-csv", "class-names", "skip-unreadable"
 
 
 def site_id(context: Context) -> int:
@@ -59,6 +62,20 @@ def noise_generator(context: Context, config: RunConfig, site: int, server_round
     else:
         seed = int.from_bytes(os.urandom(8), "little")
     return torch.Generator().manual_seed(seed)
+
+
+def site_data(context: Context, config: RunConfig, site: int) -> SiteData:
+    """The site's images: its own files when deployed with a `data` node config, else the simulated partition."""
+    if DATA_KEY not in context.node_config:
+        if not is_simulated(context):
+            raise DataError(f"this SuperNode has no '{DATA_KEY}' in its node config; start it with --node-config "
+                            f"'{DEPLOYMENT_SITE_KEY}=<n> {DATA_KEY}=\"/path/to/images\"' (see `carefed site check`)")
+        return load_site_data(config, site)
+    node = context.node_config
+    spec = LocalDataSpec(path=str(node[DATA_KEY]), labels_csv=str(node.get(LABELS_CSV_KEY, "")),
+                         class_names=str(node.get(CLASS_NAMES_KEY, "")),
+                         skip_unreadable=str(node.get(SKIP_UNREADABLE_KEY, "false")).lower() == "true")
+    return load_deployed_site_data(config, site, spec)[0]
 
 
 def model_for(config: RunConfig, data: SiteData, num_classes: int) -> torch.nn.Module:
@@ -160,7 +177,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     site = site_id(context)
     torch.set_num_threads(config.client_threads)
     record_placement(context, config, site, server_round)
-    data = load_site_data(config, site)
+    data = site_data(context, config, site)
     num_classes = _num_classes(config)
 
     privacy, ledger = None, None
@@ -216,7 +233,7 @@ def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
     config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
     site = site_id(context)
     torch.set_num_threads(config.client_threads)
-    data = load_site_data(config, site)
+    data = site_data(context, config, site)
     model = model_for(config, data, _num_classes(config))
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
     loss, accuracy = evaluate_model(model.to(site_device(config)), data.test_x, data.test_y)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,3 +148,47 @@ def load_site_data(config: RunConfig, site: int) -> SiteData:
         test_y=torch.from_numpy(images.labels[is_test]),
         shift=shift,
     )
+
+
+@dataclass(frozen=True)
+class LocalDataSpec:
+    """Where a deployed site's own images are (from its SuperNode's node config), and how to read them."""
+
+    path: str
+    labels_csv: str = ""
+    class_names: str = ""  # comma-separated, in label order
+    skip_unreadable: bool = False
+
+
+def load_deployed_site_data(config: RunConfig, site: int, spec: LocalDataSpec) -> tuple[SiteData, dict]:
+    """A partner site's own images as SiteData: real patient ids, a stable patient-level train/test split, no
+    simulated scanner shift. Also returns the loader's summary (counts, patients, unreadable files)."""
+    source = load_source_for(config)  # the federation's image format and classes (the coordinator's choice)
+    height, _, channels = source.test.images.shape[1:]
+    local = _load_local_cached(spec, height, channels, source.num_classes)
+    unique, patients = np.unique(local.patient_ids, return_inverse=True)
+    # The split must not change between rounds (its noise is calibrated for the training set) and must not depend
+    # on anything the server sends: seed it from the site's own file list.
+    digest = np.frombuffer(hashlib.sha256("\n".join(local.files).encode()).digest()[:8], dtype=np.uint64)[0]
+    rng = np.random.default_rng(int(digest))
+    num_test = int(round(len(unique) * config.local_test_fraction))
+    if num_test < 1 or num_test >= len(unique):
+        raise DataError(f"site {site} has {len(local.images)} images from {len(unique)} patients: too few to keep a "
+                        f"local test split of {config.local_test_fraction:.0%} of the patients; add data")
+    is_test = np.isin(patients, rng.choice(len(unique), size=num_test, replace=False))
+    pixels, labels = local.images.images, local.images.labels
+    data = SiteData(site=site, train_x=to_tensor(pixels[~is_test]), train_y=torch.from_numpy(labels[~is_test]),
+                    train_patients=patients[~is_test].astype(np.int64), test_x=to_tensor(pixels[is_test]),
+                    test_y=torch.from_numpy(labels[is_test]), shift=ScannerShift.for_site(site, 0, 0.0))
+    return data, local.summary()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_local_cached(spec: LocalDataSpec, image_size: int, channels: int, num_classes: int):
+    from common.data.local import load_local_site
+
+    names = [n.strip() for n in spec.class_names.split(",")] if spec.class_names.strip() else None
+    return load_local_site(Path(spec.path).expanduser(), image_size=image_size, channels=channels,
+                           num_classes=num_classes, class_names=names,
+                           labels_csv=Path(spec.labels_csv).expanduser() if spec.labels_csv else None,
+                           skip_unreadable=spec.skip_unreadable)

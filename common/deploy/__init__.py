@@ -1,0 +1,1 @@
+"""Deployment at partner sites: keys and certificates, site data checks."""
