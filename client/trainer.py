@@ -42,7 +42,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size,
                         shuffle=privacy is None, generator=generator)
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=config.step_size,
                                                        momentum=config.momentum)
     model.train()
     module: nn.Module = model
@@ -99,7 +99,7 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.train()
     module = GradSampleModule(model, loss_reduction="sum")
-    base = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    base = torch.optim.SGD(model.parameters(), lr=config.step_size, momentum=config.momentum)
     expected = num_patients * privacy.sample_rate
     optimizer = DPOptimizer(base, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                             expected_batch_size=max(1, round(expected)), loss_reduction="mean",

@@ -35,6 +35,7 @@ class RunConfig:
     local_epochs: int
     batch_size: int  # expected Poisson batch size; sampling rate q = 1 / ceil(n / batch_size)
     learning_rate: float
+    no_dp_learning_rate: float  # the non-private baseline's step: unclipped gradients are far larger
     momentum: float
     dp: bool
     target_epsilon: float
@@ -117,6 +118,11 @@ class RunConfig:
         return self.site_evaluation == "all" or (self.site_evaluation == "auto" and self.num_sites <= 50)
 
     @property
+    def step_size(self) -> float:
+        """The local SGD learning rate of this run: DP-SGD's, or the non-private baseline's."""
+        return self.learning_rate if self.dp else self.no_dp_learning_rate
+
+    @property
     def planned_rounds(self) -> int:
         return self.privacy_planned_rounds or self.num_server_rounds
 
@@ -134,6 +140,8 @@ class RunConfig:
             _fail("sites_per_round", self.sites_per_round, f"exceeds num-sites ({self.num_sites})")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             _fail("learning_rate", self.learning_rate, "must be a positive number")
+        if not (self.no_dp_learning_rate > 0 and math.isfinite(self.no_dp_learning_rate)):
+            _fail("no_dp_learning_rate", self.no_dp_learning_rate, "must be a positive number")
         if not 0 <= self.momentum < 1:
             _fail("momentum", self.momentum, "must be in [0, 1)")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):

@@ -103,7 +103,7 @@ def simulate(
     alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha (smaller: more label skew).")] = None,
     model: Annotated[Model | None, typer.Option(help="Model architecture.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Expected (Poisson) batch size.")] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Local SGD learning rate.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="DP-SGD step (no-DP runs: no-dp-learning-rate).")] = None,
     clip: Annotated[float | None, typer.Option(help="Per-image gradient clipping bound.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for data, partitions, model init and simulated noise.")] = None,
     output: Annotated[str | None, typer.Option(help="Folder that receives runs/<run-id>/.")] = None,

@@ -1,0 +1,231 @@
+"""A real deployment on one machine: a SuperLink with TLS and node authentication, one SuperNode per hospital.
+
+    python -m simulations.loopback --sites 3 --rounds 2 --work /tmp/carefed-loopback
+
+What it runs is what a study runs, with the same commands the docker/ files use, only on 127.0.0.1:
+1. `carefed certs` (in-process): study CA, SuperLink certificate for localhost/127.0.0.1, a node key per site;
+2. each site's images written as files (`<site>/<label>/p<patient>_<n>.png`, from the embedded data);
+3. `flower-superlink --ssl-* --enable-supernode-auth` (TLS on the Fleet/Control/runtime HTTP API);
+4. `flwr supernode register <site>/node.pub` for every site (Flower 1.42's node authentication);
+5. `flower-supernode --root-certificates --auth-supernode-private-key --node-config "site-id=.. data=.. state-dir=.."`;
+6. `flwr run <app> <connection> --run-config ...`, polled with `flwr list --run-id` until it finishes;
+7. every process group is stopped (SIGTERM, then SIGKILL) and checked gone.
+`--capture` runs each SuperNode under tests/capture_supernode.py, which records every request the SuperNode sends
+to the SuperLink (the Fleet API's protobuf bytes, before TLS) so a test can inspect what left each site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from common.config import PROJECT_ROOT, resolve
+from common.deploy.certs import StudyPaths, make_study
+from common.deploy.demo_data import write_site_folders
+
+CONNECTION = "carefed-study"
+CAPTURE_WRAPPER = PROJECT_ROOT / "tests" / "capture_supernode.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LoopbackDeployment:
+    work: Path
+    sites: list[str]
+    capture: bool = False
+    port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def study(self) -> StudyPaths:
+        return StudyPaths(self.work / "study")
+
+    def env(self, home: str) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)
+        return {**os.environ, "FLWR_HOME": str(self.work / "homes" / home), "FLWR_TELEMETRY_ENABLED": "0",
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([_tool("flwr"), *args], env=self.env("coordinator"), capture_output=True, text=True,
+                              timeout=timeout, cwd=self.work)
+
+    def prepare(self, *, data: bool = True) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        make_study(self.study.root, sites=self.sites, hosts=["localhost", "127.0.0.1"])
+        if data:
+            write_site_folders(resolve(), self.work / "data", self.sites)
+        home = self.work / "homes" / "coordinator"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.study.root / "superlink" / "ca.crt"}"\n')
+
+    def start_superlink(self) -> None:
+        s = self.study
+        self._spawn("superlink", [
+            _tool("flower-superlink"), "--ssl-ca-certfile", str(s.root / "superlink" / "ca.crt"),
+            "--ssl-certfile", str(s.server_cert), "--ssl-keyfile", str(s.server_key), "--enable-supernode-auth",
+            "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.work / "superlink.db"),
+            "--disable-runtime-dependency-installation"], home="superlink")
+        self._wait(lambda: self.flwr("supernode", "list", CONNECTION, "--format", "json").returncode == 0,
+                   "the SuperLink to answer", 90)
+
+    def register(self, site: str) -> None:
+        done = self.flwr("supernode", "register", str(self.study.site(site) / "node.pub"), CONNECTION,
+                         "--name", site)
+        if done.returncode != 0:
+            raise RuntimeError(f"registering {site} failed: {done.stdout[-1000:]} {done.stderr[-1000:]}")
+
+    def start_supernode(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
+                        insecure: bool = False, name: str | None = None) -> str:
+        name = name or site
+        folder = self.study.site(site)
+        state = self.work / "state" / name
+        node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}"')
+        command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
+                   "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
+        if insecure:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(ca or folder / "ca.crt"),
+                        "--auth-supernode-private-key", str(key or folder / "node.key")]
+        env_extra = {}
+        if self.capture:
+            command = [sys.executable, str(CAPTURE_WRAPPER), *command[1:]]
+            env_extra["CAREFED_CAPTURE"] = str(self.work / "capture" / f"{name}.bin")
+            (self.work / "capture").mkdir(parents=True, exist_ok=True)
+        self._spawn(f"supernode-{name}", command, home=f"supernode-{name}", extra=env_extra)
+        return name
+
+    def online_nodes(self) -> int:
+        done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        if done.returncode != 0:
+            return 0
+        return sum(1 for n in json.loads(done.stdout)["nodes"] if n["status"] == "online")
+
+    def wait_online(self, count: int, timeout: float = 90) -> None:
+        self._wait(lambda: self.online_nodes() >= count, f"{count} SuperNodes online", timeout)
+
+    def run(self, run_config: dict[str, object], timeout: float = 900) -> tuple[str, str]:
+        """Start the app on the federation; wait until it finishes. Returns (run id, final status)."""
+        pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in run_config.items())
+        done = self.flwr("run", str(PROJECT_ROOT), CONNECTION, "--run-config", pairs, "--format", "json",
+                         timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        run_id = str(json.loads(done.stdout[done.stdout.index("{"):])["run-id"])
+        status = ""
+
+        def finished() -> bool:
+            nonlocal status
+            listed = self.flwr("list", "--run-id", run_id, "--format", "json")
+            if listed.returncode == 0:
+                status = json.loads(listed.stdout)["runs"][0]["status"]
+            return status.startswith("finished")
+
+        self._wait(finished, f"run {run_id} to finish", timeout, interval=2)
+        return run_id, status
+
+    def log(self, name: str) -> str:
+        path = self.work / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, name: str | None = None, grace: float = 20) -> None:
+        """SIGTERM each process group, SIGKILL what is left after `grace` seconds."""
+        names = [name] if name else list(self.processes)
+        for n in names:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.processes[n].pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for n in names:
+            process = self.processes[n]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def leftover_processes(self) -> list[str]:
+        """Processes still alive in any group this deployment started (zombies excluded)."""
+        groups = {p.pid for p in self.processes.values()}
+        alive = []
+        for proc in psutil.process_iter(["pid", "name", "status"]):
+            with contextlib.suppress(psutil.Error):
+                if os.getpgid(proc.pid) in groups and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{proc.pid} {proc.info['name']}")
+        return alive
+
+    def _spawn(self, name: str, command: list[str], *, home: str, extra: dict[str, str] | None = None) -> None:
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work / "homes" / home).mkdir(parents=True, exist_ok=True)
+        log = (self.work / "logs" / f"{name}.log").open("wb")
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
+                                                env={**self.env(home), **(extra or {})}, start_new_session=True)
+
+    def _wait(self, check, what: str, timeout: float, interval: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            for n, p in self.processes.items():
+                if n == "superlink" and p.poll() is not None:
+                    raise RuntimeError(f"the SuperLink exited ({p.returncode}):\n{self.log('superlink')[-3000:]}")
+            time.sleep(interval)
+        raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+    def __enter__(self) -> LoopbackDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def _toml(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--work", type=Path, required=True, help="An empty folder for keys, data, state, logs.")
+    args = parser.parse_args()
+    if args.work.exists() and any(args.work.iterdir()):
+        parser.error(f"{args.work} is not empty")
+    names = [f"site-{k}" for k in range(args.sites)]
+    with LoopbackDeployment(args.work, names) as deployment:
+        deployment.prepare()
+        deployment.start_superlink()
+        for index, name in enumerate(names):
+            deployment.register(name)
+            deployment.start_supernode(name, index)
+        deployment.wait_online(len(names))
+        run_id, status = deployment.run({"num-sites": len(names), "num-server-rounds": args.rounds,
+                                         "output-dir": str(args.work / "runs"), "run-name": "loopback"})
+    print(json.dumps({"run-id": run_id, "status": status, "run-dir": str(args.work / "runs" / "loopback")}))
+
+
+if __name__ == "__main__":
+    main()
