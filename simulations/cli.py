@@ -310,6 +310,12 @@ def _print_audit(report: Any) -> None:
               if report.ok else f"[bold red]audit failed: {len(report.problems)} problem(s)[/]")
 
 
+from simulations.deploy_cli import CERTS_EPILOG, certs, site_app  # noqa: E402
+
+app.command(epilog=CERTS_EPILOG)(certs)
+app.add_typer(site_app, name="site")
+
+
 def main() -> None:
     """Console-script entry point."""
     sys.exit(app())

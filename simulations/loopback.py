@@ -52,6 +52,7 @@ class LoopbackDeployment:
     capture: bool = False
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _descendants: set[psutil.Process] = field(default_factory=set)
 
     @property
     def study(self) -> StudyPaths:
@@ -148,9 +149,11 @@ class LoopbackDeployment:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self, name: str | None = None, grace: float = 20) -> None:
-        """SIGTERM each process group, SIGKILL what is left after `grace` seconds."""
+        """SIGTERM each process group, SIGKILL whatever of it (and of its descendants) is left after `grace` s."""
         names = [name] if name else list(self.processes)
         for n in names:
+            with contextlib.suppress(psutil.Error):
+                self._descendants.update(psutil.Process(self.processes[n].pid).children(recursive=True))
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.processes[n].pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -161,14 +164,18 @@ class LoopbackDeployment:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        for child in list(self._descendants):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def leftover_processes(self) -> list[str]:
-        """Processes still alive in any group this deployment started (zombies excluded)."""
+        """Processes this deployment started (or they started) that are still alive; zombies excluded."""
         groups = {p.pid for p in self.processes.values()}
         alive = []
         for proc in psutil.process_iter(["pid", "name", "status"]):
-            with contextlib.suppress(psutil.Error):
-                if os.getpgid(proc.pid) in groups and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                ours = proc in self._descendants or os.getpgid(proc.pid) in groups
+                if ours and proc.info["status"] != psutil.STATUS_ZOMBIE:
                     alive.append(f"{proc.pid} {proc.info['name']}")
         return alive
 

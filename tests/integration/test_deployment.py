@@ -1,0 +1,137 @@
+"""A real deployment on 127.0.0.1: `flower-superlink` with TLS and node authentication, three `flower-supernode`
+processes with their own image folders, keys and state, the app started with `flwr run`. No mocks.
+
+The SuperNodes run under tests/capture_supernode.py, which records every request each one sends to the SuperLink
+(protobuf bytes before TLS), so the tests can show what left each site.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.proto.message_pb2 import PushObjectRequest
+from flwr.supercore.inflatable.inflatable_object import (
+    _get_object_body,
+    get_object_type_from_object_content,
+)
+from PIL import Image
+
+from common.deploy.certs import make_study
+from common.models import build_model, count_parameters
+from common.privacy.ledger import PrivacyLedger
+from simulations.loopback import LoopbackDeployment
+from tests.capture_supernode import read_capture
+
+pytestmark = pytest.mark.slow
+SITES = ["site-0", "site-1", "site-2"]
+ROUNDS = 2
+FLEET_PATHS = {"/v1/fleet/register-node", "/v1/fleet/activate-node", "/v1/fleet/deactivate-node",
+               "/v1/fleet/send-node-heartbeat", "/v1/fleet/pull-messages", "/v1/fleet/push-messages",
+               "/v1/fleet/get-run", "/v1/fleet/get-fab", "/v1/fleet/push-object", "/v1/fleet/pull-object",
+               "/v1/fleet/confirm-message-received", "/v1/fleet/unregister-node"}
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    work = tmp_path_factory.mktemp("loopback")
+    deployment = LoopbackDeployment(work, SITES, capture=True)
+    try:
+        deployment.prepare()
+        deployment.start_superlink()
+        for index, site in enumerate(SITES):
+            deployment.register(site)
+            deployment.start_supernode(site, index)
+        deployment.wait_online(len(SITES))
+        run_id, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": ROUNDS,
+                                         "output-dir": str(work / "runs"), "run-name": "deployed"})
+        yield deployment, status
+    finally:
+        deployment.stop()
+
+
+def test_three_hospitals_train_over_tls_with_node_authentication(deployed):
+    deployment, status = deployed
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    run_dir = deployment.work / "runs" / "deployed"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
+    assert all(r["updates-aggregated"] == len(SITES) and r["secure-aggregation"] for r in rounds[1:])
+    assert rounds[-1]["global-accuracy"] > 0.3
+    for index, site in enumerate(SITES):
+        state = deployment.work / "state" / site  # the site's own folder, not the coordinator's
+        ledger = PrivacyLedger(state / "ledger.sqlite", create=False)
+        entries = ledger.entries(site=index)
+        assert [e.round for e in entries] == list(range(1, ROUNDS + 1)) and ledger.verify().ok
+        assert entries[-1].epsilon <= entries[-1].budget
+        egress = [json.loads(line) for line in (state / "egress.jsonl").read_text().splitlines()]
+        assert egress and all(line["verdict"] == "sent" for line in egress)
+        assert {line["stage"] for line in egress if line["message-type"] == "train"} == {
+            "advertise-keys", "share-keys", "masked-input", "unmask"}
+
+
+def _sent(deployment: LoopbackDeployment, site: str) -> list[tuple[str, bytes]]:
+    return read_capture(str(deployment.work / "capture" / f"{site}.bin"))
+
+
+def _image_windows(folder: Path, width: int = 24) -> set[bytes]:
+    """High-entropy windows of every image's raw pixel bytes and of its float32 [-1, 1] tensor."""
+    windows = set()
+    for path in sorted(folder.rglob("*.png")):
+        pixels = np.asarray(Image.open(path).convert("L"), dtype=np.uint8).ravel()
+        for raw in (pixels.tobytes(), ((pixels.astype(np.float32) / 255.0 - 0.5) / 0.5).tobytes()):
+            for start in range(0, len(raw) - width, width // 2):
+                window = raw[start:start + width]
+                if len(set(window)) >= width // 2:
+                    windows.add(window)
+    return windows
+
+
+def test_raw_images_never_leave_a_site(deployed):
+    deployment, _ = deployed
+    model_size = count_parameters(build_model("cnn", in_channels=1, num_classes=10, image_size=28))
+    for site in SITES:
+        requests = _sent(deployment, site)
+        assert {path for path, _ in requests} <= FLEET_PATHS
+        arrays = []
+        for path, body in requests:
+            if path != "/v1/fleet/push-object":
+                continue
+            content = PushObjectRequest.FromString(body).object_content
+            if get_object_type_from_object_content(content) == "Array":
+                arrays.append(json.loads(_get_object_body(content).decode()))
+        # Only the masked update leaves, once per round: uint32, the model's size + 2 (count, clip flag).
+        assert [(a["dtype"], tuple(a["shape"])) for a in arrays] == [("uint32", (model_size + 2,))] * ROUNDS
+        payload = b"".join(body for _, body in requests)
+        windows = _image_windows(deployment.work / "data" / site)
+        assert len(windows) > 1000  # the search is meaningful: many distinct fragments of the site's images
+        leaked = [w for w in windows if w in payload]
+        assert not leaked, f"{len(leaked)} image fragments of {site} found in what it sent"
+
+
+def test_an_unknown_key_and_a_plaintext_client_are_refused(deployed, tmp_path: Path):
+    deployment, _ = deployed
+    make_study(deployment.study.root, sites=[*SITES, "rogue"], hosts=["localhost"])  # a key nobody registered
+    deployment.start_supernode("rogue", 9)
+    deployment.start_supernode(SITES[0], 8, insecure=True, name="plaintext")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+            "Failed to activate SuperNode" in deployment.log("supernode-rogue")
+            and "could not establish a connection" in deployment.log("supernode-plaintext")):
+        time.sleep(1)
+    assert "Failed to activate SuperNode" in deployment.log("supernode-rogue")
+    assert "Attempted to register SuperNode with public key" in deployment.log("superlink")
+    assert "could not establish a connection to the SuperLink" in deployment.log("supernode-plaintext")
+    assert deployment.online_nodes() == len(SITES)
+    assert not (deployment.work / "state" / "rogue").exists()
+
+
+def test_every_process_is_shut_down(deployed):
+    deployment, _ = deployed
+    deployment.stop()
+    assert deployment.leftover_processes() == []
+    assert all(p.poll() is not None for p in deployment.processes.values())

@@ -1,0 +1,59 @@
+"""`carefed site check` on real files, as a partner site runs it before joining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import carefed as _carefed
+
+
+def _site_folder(root: Path, per_class: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (root / str(label)).mkdir(parents=True)
+        for n in range(per_class):
+            pixels = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / str(label) / f"p{label}{n // 2:03d}_{n}.png")  # 2 images a patient
+    return root
+
+
+def test_site_check_reports_counts_patients_and_the_planned_privacy(tmp_path: Path):
+    data = _site_folder(tmp_path / "images")
+    result = _carefed("site", "check", "--data", str(data), "--epsilon", "3", "--rounds", "4", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["per_class"] == {"0": 40, "1": 40, "2": 40} and report["patients"] == 60
+    assert report["images_per_patient"] == {"min": 2, "median": 2.0, "max": 2}
+    assert report["train-images"] + report["local-test-images"] == 120
+    plan = report["privacy"]
+    assert plan["unit"] == "image" and plan["budget"] == 3.0 and len(plan["epsilon-after-round"]) == 4
+    assert plan["epsilon-after-round"] == sorted(plan["epsilon-after-round"])  # composed, never reset
+    assert 2.9 <= plan["epsilon-after-round"][-1] <= 3.0
+
+
+def test_corrupt_images_are_named_and_skipped_only_when_asked(tmp_path: Path):
+    data = _site_folder(tmp_path / "images")
+    broken = data / "1" / "p999_0.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))  # a PNG signature and nothing readable after it
+    refused = _carefed("site", "check", "--data", str(data), cwd=tmp_path)
+    assert refused.returncode == 2
+    message = " ".join(refused.stderr.split())
+    assert "p999_0.png" in message and "--skip-unreadable" in message
+    skipped = _carefed("site", "check", "--data", str(data), "--skip-unreadable", "--json", cwd=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    report = json.loads(skipped.stdout)
+    assert report["unreadable"] == 1 and report["unreadable_files"][0]["path"].endswith("p999_0.png")
+    assert report["images"] == 120
+
+
+def test_a_missing_folder_and_an_unknown_label_are_clear_errors(tmp_path: Path):
+    missing = _carefed("site", "check", "--data", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
+    data = _site_folder(tmp_path / "images")
+    (data / "0").rename(data / "pneumonia")
+    unknown = _carefed("site", "check", "--data", str(data), cwd=tmp_path)
+    assert unknown.returncode == 2 and "pneumonia" in " ".join(unknown.stderr.split())
