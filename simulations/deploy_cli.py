@@ -149,3 +149,22 @@ def _print_site_report(report: dict[str, Any]) -> None:
                   f"{plan['steps-per-round']} steps per round; epsilon after each planned round: "
                   + ", ".join(f"{e:.2f}" for e in plan["epsilon-after-round"])
                   + f" (budget {plan['budget']:g})")
+
+
+@site_app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder that receives one image folder per site.")],
+    site: Annotated[list[str], typer.Option(help="A site's name (repeatable), in site-id order.")],
+) -> None:
+    """Write each site's share of the embedded data as real image files (<out>/<site>/<label>/p<patient>_<n>.png),
+    for rehearsing a deployment on one machine (docker/compose.yml, simulations/loopback.py)."""
+    from common.deploy.demo_data import write_site_folders
+
+    existing = [name for name in site if (out / name).exists()]
+    if existing:
+        console.print(f"[bold red]error:[/] {escape(str(out / existing[0]))} exists; choose another --out "
+                      "(site folders are never overwritten)", soft_wrap=True)
+        raise typer.Exit(2)
+    counts = write_site_folders(resolve(), out, list(site))
+    for name, count in counts.items():
+        console.print(f"{name}: {count} images in {out / name}")

@@ -78,13 +78,16 @@ class LoopbackDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.study.root / "superlink" / "ca.crt"}"\n')
 
-    def start_superlink(self) -> None:
+    def superlink_command(self) -> list[str]:
+        """The coordinator's SuperLink: TLS on its HTTP API, SuperNode authentication, no runtime pip installs."""
         s = self.study
-        self._spawn("superlink", [
-            _tool("flower-superlink"), "--ssl-ca-certfile", str(s.root / "superlink" / "ca.crt"),
-            "--ssl-certfile", str(s.server_cert), "--ssl-keyfile", str(s.server_key), "--enable-supernode-auth",
-            "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.work / "superlink.db"),
-            "--disable-runtime-dependency-installation"], home="superlink")
+        return [_tool("flower-superlink"), "--ssl-ca-certfile", str(s.root / "superlink" / "ca.crt"),
+                "--ssl-certfile", str(s.server_cert), "--ssl-keyfile", str(s.server_key), "--enable-supernode-auth",
+                "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.work / "superlink.db"),
+                "--disable-runtime-dependency-installation"]
+
+    def start_superlink(self) -> None:
+        self._spawn("superlink", self.superlink_command(), home="superlink")
         self._wait(lambda: self.flwr("supernode", "list", CONNECTION, "--format", "json").returncode == 0,
                    "the SuperLink to answer", 90)
 
@@ -94,19 +97,23 @@ class LoopbackDeployment:
         if done.returncode != 0:
             raise RuntimeError(f"registering {site} failed: {done.stdout[-1000:]} {done.stderr[-1000:]}")
 
-    def start_supernode(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
-                        insecure: bool = False, name: str | None = None) -> str:
-        name = name or site
+    def supernode_command(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
+                          insecure: bool = False, name: str | None = None) -> list[str]:
+        """A hospital's SuperNode: the study CA, its own node key, its images and state folder in node config."""
         folder = self.study.site(site)
-        state = self.work / "state" / name
-        node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}"')
+        state = self.work / "state" / (name or site)
+        node_config = f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}"'
         command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                    "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
         if insecure:
-            command.append("--insecure")
-        else:
-            command += ["--root-certificates", str(ca or folder / "ca.crt"),
-                        "--auth-supernode-private-key", str(key or folder / "node.key")]
+            return [*command, "--insecure"]
+        return [*command, "--root-certificates", str(ca or folder / "ca.crt"),
+                "--auth-supernode-private-key", str(key or folder / "node.key")]
+
+    def start_supernode(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
+                        insecure: bool = False, name: str | None = None) -> str:
+        name = name or site
+        command = self.supernode_command(site, index, key=key, ca=ca, insecure=insecure, name=name)
         env_extra = {}
         if self.capture:
             command = [sys.executable, str(CAPTURE_WRAPPER), *command[1:]]

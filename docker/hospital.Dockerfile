@@ -1,0 +1,19 @@
+# A partner hospital: Flower's official SuperNode image for the pinned flwr, plus CareFed (the ClientApp runs as
+# the SuperNode's subprocess). Images, keys and the privacy ledger are mounted; nothing site-specific is baked in.
+# Build from the repository root:  docker build -f docker/hospital.Dockerfile -t carefed/hospital .
+FROM flwr/supernode:1.42.0
+
+USER root
+WORKDIR /app/carefed
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY server ./server
+COPY client ./client
+COPY simulations ./simulations
+RUN python -m pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 \
+        --index-url https://download.pytorch.org/whl/cpu \
+    && python -m pip install --no-cache-dir . \
+    && chown -R app:app /app/carefed
+USER app
+ENV FLWR_TELEMETRY_ENABLED=0
+# flower-supernode is the base image's entrypoint; compose.yml passes the SuperLink, CA, node key and node config.
