@@ -199,8 +199,9 @@ class RunConfig:
             _fail("round_timeout", self.round_timeout, "must be a positive number of seconds")
         if not self.data:
             _fail("data", self.data, "is empty")
-        if self.client_num_cpus <= 0 or self.client_num_gpus < 0:
-            _fail("client_num_cpus", self.client_num_cpus, "CPUs must be positive and GPUs non-negative")
+        if self.client_num_cpus <= 0 or not (self.client_num_gpus >= 0 or self.client_num_gpus == -1):
+            _fail("client_num_gpus", self.client_num_gpus,
+                  "client-num-cpus must be positive and client-num-gpus -1 (auto) or a non-negative share")
 
 
 def _fail(name: str, value: object, problem: str) -> None:

@@ -29,6 +29,24 @@ def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
             load_site_data(config, site)  # checks the site can keep a local test split
 
 
+def gpu_share(gpus: int, cpus: int, num_cpus: float) -> float:
+    """Auto GPU share per virtual site: the sites that run at once (one per `num_cpus` CPUs) split the GPUs."""
+    if gpus == 0:
+        return 0.0
+    concurrent = max(1, int(cpus // num_cpus))
+    return min(1.0, gpus / concurrent)
+
+
+def resolve_resources(config: RunConfig) -> RunConfig:
+    """client-num-gpus = -1 (auto) becomes a GPU share when this machine has GPUs, else 0."""
+    if config.client_num_gpus != -1:
+        return config
+    import torch
+
+    share = gpu_share(torch.cuda.device_count(), os.cpu_count() or 1, config.client_num_cpus)
+    return config.replace(client_num_gpus=share)
+
+
 def backend_config(config: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     init_args: dict[str, Any] = {}
     if ray_address:
@@ -49,7 +67,7 @@ def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose
     from client.app import app as client_app
     from server.app import app as server_app
 
-    config = resolve_partitioning(with_run_name(config))
+    config = resolve_resources(resolve_partitioning(with_run_name(config)))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_mapping())

@@ -65,3 +65,19 @@ def test_scenario_with_broken_toml_is_refused(tmp_path: Path):
 def test_shipped_scenarios_are_valid(scenario: Path):
     values = default_values() | load_scenario(scenario)
     RunConfig.from_mapping(values)
+
+
+def test_auto_gpu_share_splits_the_gpus_among_concurrent_sites_and_is_zero_without_one():
+    from simulations.runner import gpu_share, resolve_resources
+
+    assert gpu_share(0, 16, 1.0) == 0.0
+    assert gpu_share(1, 16, 1.0) == 1 / 16  # 16 sites at once share one GPU
+    assert gpu_share(2, 4, 2.0) == 1.0  # two sites at once, one GPU each
+    config = resolve(overrides={"client-num-gpus": -1.0})
+    import torch
+
+    share = resolve_resources(config).client_num_gpus
+    assert share > 0 if torch.cuda.is_available() else share == 0.0  # GPUs are used when present
+    assert resolve_resources(config.replace(client_num_gpus=0.5)).client_num_gpus == 0.5
+    with pytest.raises(ConfigError, match="client-num-gpus -1"):
+        resolve(overrides={"client-num-gpus": -0.5})
