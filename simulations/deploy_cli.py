@@ -70,6 +70,8 @@ def site_check(
     scenario: Annotated[Path | None, typer.Option(help="The study's run config (scenario TOML).")] = None,
     epsilon: Annotated[float | None, typer.Option(help="This site's epsilon budget for the whole run.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds the study plans.")] = None,
+    keys: Annotated[Path | None, typer.Option(help="The site's key folder from `carefed certs` (ca.crt, node.key)"
+                                              ".")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Validate a site's images before it joins: counts per class, patients, images per patient, unreadable files,
@@ -85,8 +87,13 @@ def site_check(
         config = resolve(scenario, overrides)
         spec = LocalDataSpec(path=str(data), labels_csv=str(labels) if labels else "", class_names=class_names,
                              skip_unreadable=skip_unreadable)
+        key_report = {}
+        if keys is not None:
+            from common.deploy.certs import check_site_keys
+
+            key_report = {"keys": check_site_keys(keys)}
         site_data, summary = load_deployed_site_data(config, 0, spec)
-        report = {"data": str(data), **summary, "train-images": site_data.num_train,
+        report = {"data": str(data), **key_report, **summary, "train-images": site_data.num_train,
                   "local-test-images": int(len(site_data.test_y)), "privacy": _privacy_plan(config, site_data)}
     except CareFedError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
@@ -142,6 +149,9 @@ def _print_site_report(report: dict[str, Any]) -> None:
         out.print(f"[yellow]{report['unreadable']} unreadable file(s) skipped:[/]")
         for item in report["unreadable_files"][:20]:
             out.print(f"  {escape(item['path'])}: {escape(item['reason'])}", soft_wrap=True)
+    if "keys" in report:
+        out.print(f"Keys ok: node key {report['keys']['node-key-fingerprint-sha256'][:16]}..., study CA valid until "
+                  f"{report['keys']['ca-expires'][:10]}")
     plan = report["privacy"]
     if plan["dp"]:
         out.print(f"Privacy ({plan['unit']}-level, {plan['accountant']}, delta {plan['delta']:g}): noise "

@@ -228,3 +228,27 @@ def check_tls_files(*, ca: Path, cert: Path | None = None, key: Path | None = No
         if private.public_key() != leaf.public_key():
             raise CertError(f"{key} does not match {cert}: the key and certificate come from different runs of "
                             "`carefed certs`")
+
+
+def check_site_keys(folder: Path, *, now: dt.datetime | None = None) -> dict:
+    """A site's key folder (from `carefed certs`): the study CA and the node key Flower will load, with clear errors."""
+    ca, key = folder / "ca.crt", folder / "node.key"
+    check_tls_files(ca=ca, now=now)
+    if not key.is_file():
+        raise CertError(f"node key {key} not found; copy this site's sites/<site>/ folder from the coordinator")
+    mode = key.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise CertError(f"{key} is readable by others (mode {mode:o}); run `chmod 600 {key}`")
+    try:
+        private = serialization.load_ssh_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise CertError(f"{key} is not an unencrypted OpenSSH private key (what flower-supernode reads)") from None
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{key} is not an elliptic-curve key; Flower's node authentication needs a NIST curve")
+    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+    now = now or dt.datetime.now(dt.UTC)
+    if ca_cert.not_valid_after_utc < now:
+        raise CertError(f"the study CA {ca} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator "
+                        "for the study's current ca.crt")
+    return {"ca-expires": ca_cert.not_valid_after_utc.isoformat(), "node-key-fingerprint-sha256":
+            _fingerprint(private.public_key())}

@@ -57,3 +57,15 @@ def test_a_missing_folder_and_an_unknown_label_are_clear_errors(tmp_path: Path):
     (data / "0").rename(data / "pneumonia")
     unknown = _carefed("site", "check", "--data", str(data), cwd=tmp_path)
     assert unknown.returncode == 2 and "pneumonia" in " ".join(unknown.stderr.split())
+
+
+def test_the_sites_keys_are_checked_with_its_data(tmp_path: Path):
+    from common.deploy.certs import StudyPaths, make_study
+
+    make_study(tmp_path / "study", sites=["a"], hosts=["localhost"])
+    keys = StudyPaths(tmp_path / "study").site("a")
+    (keys / "node.key").unlink()
+    data = _site_folder(tmp_path / "images")
+    result = _carefed("site", "check", "--data", str(data), "--keys", str(keys), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "node.key not found; copy this site's sites/<site>/ folder" in " ".join(result.stderr.split())

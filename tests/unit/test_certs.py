@@ -82,3 +82,20 @@ def test_a_half_present_ca_is_refused_rather_than_replaced(tmp_path: Path):
     StudyPaths(tmp_path).ca_key.unlink()
     with pytest.raises(CertError, match="has only one of ca.key and ca.crt"):
         make_study(tmp_path, sites=["b"], hosts=["localhost"])
+
+
+def test_a_sites_key_folder_is_checked_before_it_joins(tmp_path: Path):
+    from common.deploy.certs import check_site_keys
+
+    make_study(tmp_path, sites=["a"], hosts=["localhost"])
+    folder = StudyPaths(tmp_path).site("a")
+    assert len(check_site_keys(folder)["node-key-fingerprint-sha256"]) == 64
+    (folder / "node.key").chmod(0o644)
+    with pytest.raises(CertError, match="readable by others"):
+        check_site_keys(folder)
+    (folder / "node.key").unlink()
+    with pytest.raises(CertError, match="node key .* not found"):
+        check_site_keys(folder)
+    (folder / "ca.crt").write_text("not a certificate")
+    with pytest.raises(CertError, match="not a PEM certificate"):
+        check_site_keys(folder)
