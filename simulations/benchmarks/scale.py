@@ -6,8 +6,9 @@
 Each configuration is a real `carefed simulate` (Flower's simulation engine on Ray, DP-SGD on) in its own process
 tree, with secure aggregation on and off (`--no-secagg`, plain FedAvg: the peer), and one non-private,
 plain row per size (`--no-dp --no-secagg`) that shows what DP-SGD itself costs. Sites are drawn lazily from the
-embedded pool (partitioning = resample, log-normal sizes around 300 images) so every size trains on the same
-kind of site; only the number of idle sites changes.
+embedded pool (partitioning = resample) with every site the same size (300 images, site-size-spread 0): which
+sites a round samples depends on Flower's random node ids, and with unequal sites that luck would dominate the
+round time. So every configuration trains the same amount per round; only the number of idle sites changes.
 
 Reported per configuration:
 - round s: median wall time of the training rounds after the first (the first also starts Ray's workers and
@@ -41,8 +42,10 @@ MODES = {"secagg": [], "plain": ["--no-secagg"], "no-dp plain": ["--no-dp", "--n
 
 def measure(sites: int, per_round: int, rounds: int, mode: str, output: Path, seed: int) -> dict[str, Any]:
     name = f"scale-{sites}-{mode.replace(' ', '-')}"
+    scenario = output / "equal-sites.toml"
+    scenario.write_text('[config]\npartitioning = "resample"\nsite-size-median = 300\nsite-size-spread = 0.0\n')
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--sites", str(sites), "--per-round",
-               str(min(per_round, sites)), "--rounds", str(rounds), "--partitioning", "resample", "--seed", str(seed),
+               str(min(per_round, sites)), "--rounds", str(rounds), "--scenario", str(scenario), "--seed", str(seed),
                "--output", str(output), "--run-name", name, "--json", *MODES[mode]]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -82,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--per-round", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON here.")
