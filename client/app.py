@@ -6,9 +6,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.egress import ALLOW_PLAIN_KEY, egress_guard, run_config_of
+from client.identity import STATE_DIR_KEY, is_simulated, site_id, site_state_dir
 from client.secagg_mod import secagg_mod
 from client.simulated_faults import fault_mod
-from client.site import STATE_DIR_KEY, evaluate_site, is_simulated, site_id, site_state_dir, train_site
 from common.logs import tidy_logging
 
 tidy_logging()
@@ -30,13 +30,19 @@ def _plain_allowed(context: Context) -> bool:
 app = ClientApp(mods=[egress_guard(_egress_log_dir, plain_allowed=_plain_allowed), fault_mod, secagg_mod])
 
 
+# client.site (torch, Opacus) is imported only when a message needs training or evaluation: a deployed SuperNode
+# runs every message in a fresh ClientApp process, and the key-exchange and unmasking stages need neither.
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on the site's own images with DP-SGD; reply with the model delta and the privacy report."""
+    from client.site import train_site
+
     return Message(train_site(msg.content, context), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's local test split."""
+    from client.site import evaluate_site
+
     return Message(evaluate_site(msg.content, context), reply_to=msg)

@@ -14,7 +14,7 @@ import hashlib
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.site import is_simulated, site_id
+from client.identity import is_simulated, site_id
 from common import messages
 from common.config import RunConfig
 

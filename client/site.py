@@ -10,12 +10,23 @@ import hashlib
 import json
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from client.identity import (  # noqa: F401  (re-exported: the site's identity and folders)
+    CLASS_NAMES_KEY,
+    DATA_KEY,
+    DEPLOYMENT_SITE_KEY,
+    LABELS_CSV_KEY,
+    SIMULATION_SITE_KEY,
+    SKIP_UNREADABLE_KEY,
+    STATE_DIR_KEY,
+    is_simulated,
+    site_id,
+    site_state_dir,
+)
 from client.trainer import patients_per_batch, train_locally, train_patient_level
 from common import messages
 from common.config import RunConfig
@@ -29,26 +40,6 @@ from common.privacy.ledger import LedgerEntry, PrivacyLedger, history_tuple
 from common.update_codec import clip_l2, flatten, unflatten
 
 PRIVACY_STATE = "carefed.site-privacy"
-STATE_DIR_KEY = "state-dir"  # a deployed site's own folder for its ledger (node_config)
-SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode
-DEPLOYMENT_SITE_KEY = "site-id"  # set by a partner site with `flower-supernode --node-config "site-id=3"`
-# A deployed site's own images (node_config): a class-folder tree, a CSV manifest, or DICOM files + labels CSV
-DATA_KEY, LABELS_CSV_KEY, CLASS_NAMES_KEY, SKIP_UNREADABLE_KEY = "data", "labels-csv", "class-names", "skip-unreadable"
-
-
-def site_id(context: Context) -> int:
-    for key in (DEPLOYMENT_SITE_KEY, SIMULATION_SITE_KEY):
-        if key in context.node_config:
-            return int(context.node_config[key])
-    raise ValueError(f"node_config has neither '{DEPLOYMENT_SITE_KEY}' nor '{SIMULATION_SITE_KEY}'; start the "
-                     f"SuperNode with --node-config \"{DEPLOYMENT_SITE_KEY}=<n>\".")
-
-
-def is_simulated(context: Context) -> bool:
-    """Only Flower's simulation engine sets partition-id without a site-id; deployed sites always set site-id."""
-    return SIMULATION_SITE_KEY in context.node_config and DEPLOYMENT_SITE_KEY not in context.node_config
-
-
 def noise_generator(context: Context, config: RunConfig, site: int, server_round: int) -> torch.Generator:
     """Randomness for Poisson sampling and DP noise.
 
@@ -86,13 +77,6 @@ def model_for(config: RunConfig, data: SiteData, num_classes: int) -> torch.nn.M
 def site_device(config: RunConfig) -> torch.device:
     """A GPU when the run gives sites a GPU share (client-num-gpus > 0) and this node has one; else the CPU."""
     return torch.device("cuda") if config.client_num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def site_state_dir(context: Context, config: RunConfig, site: int) -> Path:
-    """Where the site keeps its ledger: its own folder when deployed, the run folder's sites/ when simulated."""
-    if STATE_DIR_KEY in context.node_config:
-        return Path(str(context.node_config[STATE_DIR_KEY])).expanduser()
-    return Path(config.output_dir).expanduser().resolve() / config.run_name / "sites" / f"site-{site:04d}"
 
 
 def site_ledger(context: Context, config: RunConfig, site: int) -> PrivacyLedger:
