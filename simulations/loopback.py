@@ -205,6 +205,8 @@ class LoopbackDeployment:
         raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
     def __enter__(self) -> LoopbackDeployment:
+        # a SIGTERM (timeout, Ctrl-C from a parent) must still stop every process this deployment started
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -46,10 +46,13 @@ class FixedPoint:
         Few passes over the data: a masked update is as large as the model, and this runs on every site.
         """
         scaled = np.multiply(values, multiplier * self.scale, dtype=np.float64)
-        worst = float(np.max(np.abs(scaled))) / self.scale if scaled.size else 0.0
+        worst_scaled = float(np.max(np.abs(scaled))) if scaled.size else 0.0
+        worst = worst_scaled / self.scale
         if not np.isfinite(worst):
             raise SecAggAbort(AbortReason.BAD_INPUT, "update contains NaN or infinity")
-        if worst > self.value_bound:
+        # Compared where it is computed: value * scale can exceed bound * scale by a rounding ulp for a value exactly
+        # at the bound. The slack (1e-9 relative, < 0.01 of a unit) still rounds to at most the headroom's +1.
+        if worst_scaled > self.value_bound * self.scale * (1 + 1e-9):
             raise SecAggAbort(AbortReason.BAD_INPUT,
                               f"|value| {worst:.6g} exceeds the declared bound {self.value_bound:.6g}")
         rounded = np.floor(scaled)
