@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant
 
+from common.data.site import resolve_partitioning
 from common.privacy import pld_epsilon
-from simulations.runner import run_simulation
+from simulations.runner import resolve_resources, run_simulation
 from tests.conftest import carefed as _carefed
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,8 @@ def test_three_sites_two_rounds_write_a_consistent_run_folder(make_config):
     run_dir = run_simulation(config)
 
     assert _read(run_dir, "status.json")["state"] == "complete"
-    assert _read(run_dir, "config.json") == config.to_mapping()
+    # the run folder records what ran: "auto" settings resolved (client-num-gpus -1 -> this machine's GPU share)
+    assert _read(run_dir, "config.json") == resolve_resources(resolve_partitioning(config)).to_mapping()
     rounds = _read(run_dir, "metrics.json")["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for row in rounds:
