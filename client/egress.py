@@ -239,11 +239,9 @@ def _arrays(record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], type
 
 
 def _log(folder: Path, msg: Message, stage: str, content: RecordDict, verdict: str, reason: str) -> None:
-    payload = recorddict_to_proto(content).SerializeToString()
-    records = {}
-    for name, record in content.items():
-        records[name] = {"kind": type(record).__name__,
-                         "bytes": len(recorddict_to_proto(RecordDict({name: record})).SerializeToString())}
+    proto = recorddict_to_proto(content)
+    payload = proto.SerializeToString()
+    records = {item.key: {"kind": type(content[item.key]).__name__, "bytes": item.ByteSize()} for item in proto.items}
     run_config = msg.content.get(messages.RUN_CONFIG)
     line = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": str(run_config["run-name"]) if run_config else "",

@@ -108,6 +108,17 @@ def ledger_entry(config: RunConfig, site: int, server_round: int, privacy: SiteP
     )
 
 
+def calibrate_site(config: RunConfig, data: SiteData, site: int) -> SitePrivacy:
+    """The site's noise for the planned run, from what it samples (images, or patients at patient level)."""
+    patient_unit = config.privacy_unit == "patient"
+    units = len(np.unique(data.train_patients)) if patient_unit else data.num_train
+    per_batch = patients_per_batch(config, data) if patient_unit else config.batch_size
+    return SitePrivacy.calibrate(
+        target_epsilon=config.budget_for(site), delta=config.target_delta, num_examples=units,
+        batch_size=per_batch, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
+        max_grad_norm=config.max_grad_norm)
+
+
 def save_privacy(context: Context, privacy: SitePrivacy) -> None:
     context.state[PRIVACY_STATE] = ConfigRecord(privacy.to_record())
 
@@ -169,12 +180,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     patient_unit = config.privacy_unit == "patient"
     if config.dp:
         ledger = site_ledger(context, config, site)
-        units = len(np.unique(data.train_patients)) if patient_unit else data.num_train  # what is sampled
-        per_batch = patients_per_batch(config, data) if patient_unit else config.batch_size
-        privacy = load_privacy(context, ledger, config.run_name, site) or SitePrivacy.calibrate(
-            target_epsilon=config.budget_for(site), delta=config.target_delta, num_examples=units,
-            batch_size=per_batch, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
-            max_grad_norm=config.max_grad_norm)
+        privacy = load_privacy(context, ledger, config.run_name, site) or calibrate_site(config, data, site)
         if not privacy.can_afford_next_round():
             save_privacy(context, privacy)
             reason = (f"site {site}: the next round would spend epsilon {privacy.epsilon_after_next_round():.3f} "

@@ -108,26 +108,18 @@ def _privacy_plan(config, data) -> dict[str, Any]:
     """Calibrate this site's noise exactly as the ClientApp will, and the epsilon after each planned round."""
     import warnings
 
-    import numpy as np
-
-    from client.trainer import patients_per_batch
-    from common.privacy import SitePrivacy
+    from client.site import calibrate_site
 
     if not config.dp:
         return {"dp": False}
-    patient_unit = config.privacy_unit == "patient"
-    units = len(np.unique(data.train_patients)) if patient_unit else data.num_train
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-    privacy = SitePrivacy.calibrate(
-        target_epsilon=config.target_epsilon, delta=config.target_delta, num_examples=units,
-        batch_size=patients_per_batch(config, data) if patient_unit else config.batch_size,
-        local_epochs=config.local_epochs, planned_rounds=config.planned_rounds, max_grad_norm=config.max_grad_norm)
+    privacy = calibrate_site(config, data, 0)
     per_round = []
     for _ in range(config.planned_rounds):
         per_round.append(round(privacy.epsilon_after_next_round(), 4))
         privacy.history = privacy.accountant(privacy.steps_per_round).history
     return {"dp": True, "unit": config.privacy_unit, "accountant": "PRV (Opacus)", "delta": config.target_delta,
-            "budget": config.target_epsilon, "noise-multiplier": privacy.noise_multiplier,
+            "budget": privacy.target_epsilon, "noise-multiplier": privacy.noise_multiplier,
             "sample-rate": privacy.sample_rate, "steps-per-round": privacy.steps_per_round,
             "epsilon-after-round": per_round}
 

@@ -88,7 +88,7 @@ class LoopbackDeployment:
 
     def start_superlink(self) -> None:
         self._spawn("superlink", self.superlink_command(), home="superlink")
-        self._wait(lambda: self.flwr("supernode", "list", CONNECTION, "--format", "json").returncode == 0,
+        self.wait_until(lambda: self.flwr("supernode", "list", CONNECTION, "--format", "json").returncode == 0,
                    "the SuperLink to answer", 90)
 
     def register(self, site: str) -> None:
@@ -122,6 +122,15 @@ class LoopbackDeployment:
         self._spawn(f"supernode-{name}", command, home=f"supernode-{name}", extra=env_extra)
         return name
 
+    def start_federation(self) -> None:
+        """Keys, data, the SuperLink, and every site registered and online: ready for `run`."""
+        self.prepare()
+        self.start_superlink()
+        for index, site in enumerate(self.sites):
+            self.register(site)
+            self.start_supernode(site, index)
+        self.wait_online(len(self.sites))
+
     def online_nodes(self) -> int:
         done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
         if done.returncode != 0:
@@ -129,7 +138,7 @@ class LoopbackDeployment:
         return sum(1 for n in json.loads(done.stdout)["nodes"] if n["status"] == "online")
 
     def wait_online(self, count: int, timeout: float = 90) -> None:
-        self._wait(lambda: self.online_nodes() >= count, f"{count} SuperNodes online", timeout)
+        self.wait_until(lambda: self.online_nodes() >= count, f"{count} SuperNodes online", timeout)
 
     def run(self, run_config: dict[str, object], timeout: float = 900) -> tuple[str, str]:
         """Start the app on the federation; wait until it finishes. Returns (run id, final status)."""
@@ -148,7 +157,7 @@ class LoopbackDeployment:
                 status = json.loads(listed.stdout)["runs"][0]["status"]
             return status.startswith("finished")
 
-        self._wait(finished, f"run {run_id} to finish", timeout, interval=2)
+        self.wait_until(finished, f"run {run_id} to finish", timeout, interval=2)
         return run_id, status
 
     def log(self, name: str) -> str:
@@ -193,7 +202,8 @@ class LoopbackDeployment:
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
                                                 env={**self.env(home), **(extra or {})}, start_new_session=True)
 
-    def _wait(self, check, what: str, timeout: float, interval: float = 1.0) -> None:
+    def wait_until(self, check, what: str, timeout: float, interval: float = 1.0) -> None:
+        """Poll `check` until it holds; fail with `what` after `timeout` s, or at once if the SuperLink died."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if check():
@@ -232,12 +242,7 @@ def main() -> None:
         parser.error(f"{args.work} is not empty")
     names = [f"site-{k}" for k in range(args.sites)]
     with LoopbackDeployment(args.work, names) as deployment:
-        deployment.prepare()
-        deployment.start_superlink()
-        for index, name in enumerate(names):
-            deployment.register(name)
-            deployment.start_supernode(name, index)
-        deployment.wait_online(len(names))
+        deployment.start_federation()
         run_id, status = deployment.run({"num-sites": len(names), "num-server-rounds": args.rounds,
                                          "output-dir": str(args.work / "runs"), "run-name": "loopback"})
     print(json.dumps({"run-id": run_id, "status": status, "run-dir": str(args.work / "runs" / "loopback")}))

@@ -42,12 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="carefed-deploy-") as tmp:
         work = Path(tmp)
         with LoopbackDeployment(work / "loopback", names, capture=True) as deployment:
-            deployment.prepare()
-            deployment.start_superlink()
-            for index, name in enumerate(names):
-                deployment.register(name)
-                deployment.start_supernode(name, index)
-            deployment.wait_online(len(names))
+            deployment.start_federation()
             _, status = deployment.run({"num-sites": args.sites, "num-server-rounds": args.rounds,
                                         "output-dir": str(work / "runs"), "run-name": "deployed"})
         if status != "finished:completed":

@@ -8,7 +8,6 @@ The SuperNodes run under tests/capture_supernode.py, which records every request
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +39,7 @@ def deployed(tmp_path_factory):
     work = tmp_path_factory.mktemp("loopback")
     deployment = LoopbackDeployment(work, SITES, capture=True)
     try:
-        deployment.prepare()
-        deployment.start_superlink()
-        for index, site in enumerate(SITES):
-            deployment.register(site)
-            deployment.start_supernode(site, index)
-        deployment.wait_online(len(SITES))
+        deployment.start_federation()
         run_id, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": ROUNDS,
                                          "output-dir": str(work / "runs"), "run-name": "deployed"})
         yield deployment, status
@@ -118,11 +112,9 @@ def test_an_unknown_key_and_a_plaintext_client_are_refused(deployed, tmp_path: P
     make_study(deployment.study.root, sites=[*SITES, "rogue"], hosts=["localhost"])  # a key nobody registered
     deployment.start_supernode("rogue", 9)
     deployment.start_supernode(SITES[0], 8, insecure=True, name="plaintext")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (
-            "Failed to activate SuperNode" in deployment.log("supernode-rogue")
-            and "could not establish a connection" in deployment.log("supernode-plaintext")):
-        time.sleep(1)
+    deployment.wait_until(lambda: "Failed to activate SuperNode" in deployment.log("supernode-rogue")
+                          and "could not establish a connection" in deployment.log("supernode-plaintext"),
+                          "both SuperNodes to be refused", 60, interval=0.2)
     assert "Failed to activate SuperNode" in deployment.log("supernode-rogue")
     assert "Attempted to register SuperNode with public key" in deployment.log("superlink")
     assert "could not establish a connection to the SuperLink" in deployment.log("supernode-plaintext")
