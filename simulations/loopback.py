@@ -67,6 +67,21 @@ class LoopbackDeployment:
         return subprocess.run([_tool("flwr"), *args], env=self.env("coordinator"), capture_output=True, text=True,
                               timeout=timeout, cwd=self.work)
 
+    def flwr_json(self, *args: str, timeout: float = 120) -> tuple[dict | None, str]:
+        """`flwr <args> --format json`: (the parsed reply or None when it failed, what it printed).
+
+        The flwr CLI exits 0 even when it cannot reach the SuperLink; only the reply's "success" says so."""
+        done = self.flwr(*args, "--format", "json", timeout=timeout)
+        printed = f"{done.stdout[-2000:]} {done.stderr[-2000:]}"
+        start = done.stdout.find("{")
+        if done.returncode != 0 or start < 0:
+            return None, printed
+        try:
+            reply = json.loads(done.stdout[start:])
+        except json.JSONDecodeError:
+            return None, printed
+        return (reply if reply.get("success", True) is not False else None), printed
+
     def prepare(self, *, data: bool = True) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         make_study(self.study.root, sites=self.sites, hosts=["localhost", "127.0.0.1"])
@@ -88,14 +103,14 @@ class LoopbackDeployment:
 
     def start_superlink(self) -> None:
         self._spawn("superlink", self.superlink_command(), home="superlink")
-        self.wait_until(lambda: self.flwr("supernode", "list", CONNECTION, "--format", "json").returncode == 0,
-                   "the SuperLink to answer", 90)
+        self.wait_until(lambda: self.flwr_json("supernode", "list", CONNECTION)[0] is not None,
+                        "the SuperLink to answer", 90)
 
     def register(self, site: str) -> None:
-        done = self.flwr("supernode", "register", str(self.study.site(site) / "node.pub"), CONNECTION,
-                         "--name", site)
-        if done.returncode != 0:
-            raise RuntimeError(f"registering {site} failed: {done.stdout[-1000:]} {done.stderr[-1000:]}")
+        args = ("supernode", "register", str(self.study.site(site) / "node.pub"), CONNECTION, "--name", site)
+        registered, printed = self.flwr_json(*args)
+        if registered is None:
+            raise RuntimeError(f"registering {site} failed: {printed}")
 
     def supernode_command(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
                           insecure: bool = False, name: str | None = None) -> list[str]:
@@ -132,10 +147,8 @@ class LoopbackDeployment:
         self.wait_online(len(self.sites))
 
     def online_nodes(self) -> int:
-        done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
-        if done.returncode != 0:
-            return 0
-        return sum(1 for n in json.loads(done.stdout)["nodes"] if n["status"] == "online")
+        listed, _ = self.flwr_json("supernode", "list", CONNECTION)
+        return 0 if listed is None else sum(1 for n in listed["nodes"] if n["status"] == "online")
 
     def wait_online(self, count: int, timeout: float = 90) -> None:
         self.wait_until(lambda: self.online_nodes() >= count, f"{count} SuperNodes online", timeout)
@@ -143,18 +156,17 @@ class LoopbackDeployment:
     def run(self, run_config: dict[str, object], timeout: float = 900) -> tuple[str, str]:
         """Start the app on the federation; wait until it finishes. Returns (run id, final status)."""
         pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in run_config.items())
-        done = self.flwr("run", str(PROJECT_ROOT), CONNECTION, "--run-config", pairs, "--format", "json",
-                         timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
-        run_id = str(json.loads(done.stdout[done.stdout.index("{"):])["run-id"])
+        started, printed = self.flwr_json("run", str(PROJECT_ROOT), CONNECTION, "--run-config", pairs, timeout=300)
+        if started is None:
+            raise RuntimeError(f"flwr run failed: {printed}")
+        run_id = str(started["run-id"])
         status = ""
 
         def finished() -> bool:
             nonlocal status
-            listed = self.flwr("list", "--run-id", run_id, "--format", "json")
-            if listed.returncode == 0:
-                status = json.loads(listed.stdout)["runs"][0]["status"]
+            listed, _ = self.flwr_json("list", "--run-id", run_id)
+            if listed is not None:
+                status = listed["runs"][0]["status"]
             return status.startswith("finished")
 
         self.wait_until(finished, f"run {run_id} to finish", timeout, interval=2)
