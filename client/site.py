@@ -15,14 +15,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from client.identity import (  # noqa: F401  (re-exported: the site's identity and folders)
+from client.identity import (
     CLASS_NAMES_KEY,
     DATA_KEY,
     DEPLOYMENT_SITE_KEY,
     LABELS_CSV_KEY,
-    SIMULATION_SITE_KEY,
     SKIP_UNREADABLE_KEY,
-    STATE_DIR_KEY,
     is_simulated,
     site_id,
     site_state_dir,

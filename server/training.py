@@ -17,9 +17,9 @@ from flwr.serverapp import Grid
 
 from common import messages
 from common.config import RunConfig
-from common.data.site import check_partitions, load_source_for, resolve_partitioning, to_tensor
+from common.data.site import check_partitions, global_model, load_source_for, resolve_partitioning, to_tensor
 from common.evaluation import evaluate_model
-from common.models import build_model, count_parameters
+from common.models import count_parameters
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, apply_mean_delta
 from server.run_folder import RunFolder, with_run_name
@@ -46,10 +46,8 @@ class FederatedTraining:
         self.config = config = resolve_partitioning(with_run_name(config))
         source = load_source_for(config)  # fails early, before any folder exists, on bad data
         check_partitions(config, source)
-        channels, height, _ = source.image_shape
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, in_channels=channels, num_classes=source.num_classes,
-                                 image_size=height)
+        self.model = global_model(config, source)
         self.test_x, self.test_y = to_tensor(source.test.images), torch.from_numpy(source.test.labels)
         self.rng = random.Random(config.seed)
         self.exhausted: set[int] = set()  # node ids whose privacy budget cannot afford another round

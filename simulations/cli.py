@@ -23,6 +23,8 @@ from rich.table import Table  # noqa: E402
 from common.config import RunConfig, resolve  # noqa: E402
 from common.errors import CareFedError  # noqa: E402
 from server.run_folder import with_run_name  # noqa: E402
+from simulations.deploy_cli import CERTS_EPILOG, certs, site_app  # noqa: E402
+from simulations.terminal import console, fail  # noqa: E402
 
 app = typer.Typer(
     name="carefed",
@@ -31,7 +33,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 
 @app.callback()
@@ -82,11 +83,6 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return overrides
 
 
-def _fail(code: int, message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
 @app.command(epilog=SIMULATE_EPILOG)
 def simulate(
     sites: Annotated[int | None, typer.Option(help="Number of hospitals (virtual SuperNodes).")] = None,
@@ -134,22 +130,22 @@ def simulate(
                           "may repeat across sites)", soft_wrap=True, highlight=False)
         run_dir = Path(config.output_dir).expanduser().resolve() / config.run_name
         if run_dir.exists():
-            raise _fail(2, f"run folder {run_dir} already exists; choose another --run-name (runs are never "
+            raise fail(2, f"run folder {run_dir} already exists; choose another --run-name (runs are never "
                            "overwritten)")
         from simulations.runner import run_simulation, validate_inputs
 
         with console.status("Checking data and partitions..."):
             validate_inputs(config)
     except CareFedError as err:
-        raise _fail(err.exit_code, str(err)) from None
+        raise fail(err.exit_code, str(err)) from None
 
     try:
         run_simulation(config, ray_address=ray_address, verbose=verbose)
     except CareFedError as err:
-        raise _fail(err.exit_code, str(err)) from None
+        raise fail(err.exit_code, str(err)) from None
     except Exception as err:  # the ServerApp's failure, already logged by Flower with its traceback
         cause = err.__cause__ or err
-        raise _fail(1, f"the simulation failed: {type(cause).__name__}: {cause}. Run folder: {run_dir}") from None
+        raise fail(1, f"the simulation failed: {type(cause).__name__}: {cause}. Run folder: {run_dir}") from None
     summary = _summary(run_dir, config)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -216,18 +212,18 @@ def audit(
     from common.privacy.ledger import LedgerError
 
     if not path.exists():
-        raise _fail(2, f"{path} does not exist; pass a run folder (runs/<run-id>/) or, with --site, a site ledger")
+        raise fail(2, f"{path} does not exist; pass a run folder (runs/<run-id>/) or, with --site, a site ledger")
     if attack not in (None, "mia"):
-        raise _fail(2, f"--attack {attack!r} is not known; use --attack mia")
+        raise fail(2, f"--attack {attack!r} is not known; use --attack mia")
     if site and (attack or canaries):
-        raise _fail(2, "--attack and --canaries need the run folder (they retrain or score on the sites' data)")
+        raise fail(2, "--attack and --canaries need the run folder (they retrain or score on the sites' data)")
     if canaries < 0 or shadows < 2 or (sweep is not None and not sweep.is_file()):
-        raise _fail(2, "--canaries must be >= 0, --shadows >= 2, and --sweep must name an existing sweep.json")
+        raise fail(2, "--canaries must be >= 0, --shadows >= 2, and --sweep must name an existing sweep.json")
     try:
         with console.status("Verifying ledgers and recomputing epsilon..."):
             report = audit_site(path) if site else audit_run(path)
     except (FileNotFoundError, LedgerError) as err:
-        raise _fail(2, str(err)) from None
+        raise fail(2, str(err)) from None
     extra: dict[str, Any] = {}
     if not site:
         from simulations.empirical_audit import canary_audit, membership_inference
@@ -246,7 +242,7 @@ def audit(
                                                f"{arm['epsilon_lower_bound']:.3f} exceeds the theoretical "
                                                f"{arm['theoretical_epsilon']}: the DP guarantee does not hold")
         except (FileNotFoundError, CareFedError) as err:
-            raise _fail(2, str(err)) from None
+            raise fail(2, str(err)) from None
         extra["report"] = str(write_report(path, report, sweep))
     if as_json:
         print(json.dumps(_clean_json({**report.to_json(), **extra}), indent=2))
@@ -309,8 +305,6 @@ def _print_audit(report: Any) -> None:
     out.print("[bold green]audit passed[/]: chains intact, every epsilon recomputed within 1%, no budget overrun"
               if report.ok else f"[bold red]audit failed: {len(report.problems)} problem(s)[/]")
 
-
-from simulations.deploy_cli import CERTS_EPILOG, certs, site_app  # noqa: E402
 
 app.command(epilog=CERTS_EPILOG)(certs)
 app.add_typer(site_app, name="site")

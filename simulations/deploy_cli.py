@@ -13,8 +13,8 @@ from rich.table import Table
 
 from common.config import resolve
 from common.errors import CareFedError
+from simulations.terminal import console, fail
 
-console = Console(stderr=True)
 site_app = typer.Typer(help="Partner-site tools: check a site's data before it joins a study.", no_args_is_help=True)
 
 CERTS_EPILOG = """\
@@ -47,8 +47,7 @@ def certs(
         manifest = make_study(out, sites=list(site or []), hosts=list(superlink_host or ["localhost", "127.0.0.1"]),
                               days=days)
     except CareFedError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise fail(2, str(err)) from None
     table = Table(title=f"Study keys in {out}")
     table.add_column("site")
     table.add_column("public key (register it: flwr supernode register <file> <connection>)")
@@ -96,8 +95,7 @@ def site_check(
         report = {"data": str(data), **key_report, **summary, "train-images": site_data.num_train,
                   "local-test-images": int(len(site_data.test_y)), "privacy": _privacy_plan(config, site_data)}
     except CareFedError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(2, str(err)) from None
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -164,9 +162,7 @@ def demo_data(
 
     existing = [name for name in site if (out / name).exists()]
     if existing:
-        console.print(f"[bold red]error:[/] {escape(str(out / existing[0]))} exists; choose another --out "
-                      "(site folders are never overwritten)", soft_wrap=True)
-        raise typer.Exit(2)
+        raise fail(2, f"{out / existing[0]} exists; choose another --out (site folders are never overwritten)")
     counts = write_site_folders(resolve(), out, list(site))
     for name, count in counts.items():
         console.print(f"{name}: {count} images in {out / name}")

@@ -20,8 +20,15 @@ from torch import nn
 from client.trainer import train_locally
 from common.config import RunConfig, default_values
 from common.data.shift import ScannerShift
-from common.data.site import SiteData, canaries_for, canary_pixels, load_site_data, load_source_for, to_tensor
-from common.models import build_model
+from common.data.site import (
+    SiteData,
+    canaries_for,
+    canary_pixels,
+    global_model,
+    load_site_data,
+    load_source_for,
+    to_tensor,
+)
 from common.privacy import SitePrivacy
 from common.privacy.membership import (
     cross_entropy,
@@ -52,9 +59,7 @@ def run_config(run_dir: Path) -> RunConfig:
 
 
 def model_from_state(config: RunConfig, state: dict[str, torch.Tensor]) -> nn.Module:
-    source = load_source_for(config)
-    channels, height, _ = source.image_shape
-    model = build_model(config.model, in_channels=channels, num_classes=source.num_classes, image_size=height)
+    model = global_model(config)
     model.load_state_dict(state)
     return model.eval()
 
@@ -68,9 +73,7 @@ def logits_of(model: nn.Module, images: torch.Tensor) -> np.ndarray:
 def train_like_the_run(config: RunConfig, data: SiteData, seed: int) -> nn.Module:
     """A model trained on `data` the way a site trained in the run: same model, optimiser, rounds, epochs, DP."""
     torch.manual_seed(seed)
-    source = load_source_for(config)
-    channels, height, _ = source.image_shape
-    model = build_model(config.model, in_channels=channels, num_classes=source.num_classes, image_size=height)
+    model = global_model(config)
     privacy = None
     if config.dp:
         privacy = SitePrivacy.calibrate(target_epsilon=config.target_epsilon, delta=config.target_delta,

@@ -16,6 +16,7 @@ from common.data.partition import partition_indices, resampled_indices
 from common.data.shift import ScannerShift
 from common.data.sources import DataSource, ImageSet, load_source
 from common.errors import DataError
+from common.models import build_model
 
 MAX_IMAGES_PER_PATIENT = 4  # synthetic patients for data without patient ids: 1-4 images each
 
@@ -42,6 +43,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((np.ascontiguousarray(images.transpose(0, 3, 1, 2)) - 0.5) / 0.5)
 
 
+def to_pixels(tensor: torch.Tensor) -> np.ndarray:
+    """Normalised NCHW tensor -> uint8 NHWC pixels: the inverse of to_tensor (up to rounding)."""
+    return np.clip(np.round((tensor.numpy().transpose(0, 2, 3, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def synthetic_patients(num_images: int, rng: np.random.Generator) -> np.ndarray:
     """Group images into patients of 1..MAX_IMAGES_PER_PATIENT images (ids 0, 1, ...)."""
     sizes = rng.integers(1, MAX_IMAGES_PER_PATIENT + 1, size=num_images)
@@ -51,6 +57,13 @@ def synthetic_patients(num_images: int, rng: np.random.Generator) -> np.ndarray:
 def load_source_for(config: RunConfig) -> DataSource:
     return load_source(config.data, global_test_size=config.global_test_size, seed=config.seed,
                        num_classes=config.num_classes)
+
+
+def global_model(config: RunConfig, source: DataSource | None = None) -> torch.nn.Module:
+    """The federation's model (freshly initialised) for this config's architecture, images and classes."""
+    source = source or load_source_for(config)
+    channels, height, _ = source.image_shape
+    return build_model(config.model, in_channels=channels, num_classes=source.num_classes, image_size=height)
 
 
 @dataclass(frozen=True)

@@ -194,8 +194,8 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def check_tls_files(*, ca: Path, cert: Path | None = None, key: Path | None = None,
-                    now: dt.datetime | None = None) -> None:
-    """Clear errors for the usual TLS mistakes, before a process is started with these files."""
+                    now: dt.datetime | None = None) -> x509.Certificate:
+    """Clear errors for the usual TLS mistakes, before a process is started with these files; returns the CA."""
     now = now or dt.datetime.now(dt.UTC)
     for label, path in (("CA certificate", ca), ("certificate", cert), ("private key", key)):
         if path is not None and not path.is_file():
@@ -205,7 +205,7 @@ def check_tls_files(*, ca: Path, cert: Path | None = None, key: Path | None = No
     except ValueError:
         raise CertError(f"{ca} is not a PEM certificate; point at the study's ca.crt") from None
     if cert is None:
-        return
+        return ca_cert
     try:
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
     except ValueError:
@@ -228,12 +228,13 @@ def check_tls_files(*, ca: Path, cert: Path | None = None, key: Path | None = No
         if private.public_key() != leaf.public_key():
             raise CertError(f"{key} does not match {cert}: the key and certificate come from different runs of "
                             "`carefed certs`")
+    return ca_cert
 
 
 def check_site_keys(folder: Path, *, now: dt.datetime | None = None) -> dict:
     """A site's key folder (from `carefed certs`): the study CA and the node key Flower will load, with clear errors."""
     ca, key = folder / "ca.crt", folder / "node.key"
-    check_tls_files(ca=ca, now=now)
+    ca_cert = check_tls_files(ca=ca, now=now)
     if not key.is_file():
         raise CertError(f"node key {key} not found; copy this site's sites/<site>/ folder from the coordinator")
     mode = key.stat().st_mode & 0o777
@@ -245,7 +246,6 @@ def check_site_keys(folder: Path, *, now: dt.datetime | None = None) -> dict:
         raise CertError(f"{key} is not an unencrypted OpenSSH private key (what flower-supernode reads)") from None
     if not isinstance(private, ec.EllipticCurvePrivateKey):
         raise CertError(f"{key} is not an elliptic-curve key; Flower's node authentication needs a NIST curve")
-    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
     now = now or dt.datetime.now(dt.UTC)
     if ca_cert.not_valid_after_utc < now:
         raise CertError(f"the study CA {ca} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator "

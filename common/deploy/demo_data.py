@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import RunConfig
-from common.data.site import load_site_data
+from common.data.site import load_site_data, to_pixels
 
 
 def write_site_folders(config: RunConfig, out: Path, names: list[str]) -> dict[str, int]:
@@ -22,16 +22,14 @@ def write_site_folders(config: RunConfig, out: Path, names: list[str]) -> dict[s
     config = config.replace(num_sites=len(names))
     for site, name in enumerate(names):
         data = load_site_data(config, site)
-        images = np.concatenate([data.train_x.numpy(), data.test_x.numpy()])
+        pixels = np.concatenate([to_pixels(data.train_x), to_pixels(data.test_x)])
         labels = np.concatenate([data.train_y.numpy(), data.test_y.numpy()])
         first_test_patient = int(data.train_patients.max()) + 1 if len(data.train_patients) else 0
         patients = np.concatenate([data.train_patients, first_test_patient + np.arange(len(data.test_y))])
-        pixels = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)  # back from [-1, 1]
         for n, (image, label, patient) in enumerate(zip(pixels, labels, patients, strict=True)):
             folder = out / name / str(int(label))
             folder.mkdir(parents=True, exist_ok=True)
-            channels = image.shape[0]
-            array = image[0] if channels == 1 else np.transpose(image, (1, 2, 0))
-            Image.fromarray(array).save(folder / f"p{int(patient):05d}_{n:05d}.png")
+            picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            picture.save(folder / f"p{int(patient):05d}_{n:05d}.png")
         counts[name] = len(labels)
     return counts

@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.models import build_model, count_parameters
+from common.config import resolve
+from common.data.site import global_model
+from common.models import count_parameters
 from simulations.loopback import LoopbackDeployment
 from tests.capture_supernode import read_capture
 
@@ -38,7 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     names = [f"site-{k}" for k in range(args.sites)]
-    model_bytes = 4 * count_parameters(build_model("cnn", in_channels=1, num_classes=10, image_size=28))
+    model_bytes = 4 * count_parameters(global_model(resolve()))  # the default study's model, as both runs use
     with tempfile.TemporaryDirectory(prefix="carefed-deploy-") as tmp:
         work = Path(tmp)
         with LoopbackDeployment(work / "loopback", names, capture=True) as deployment:

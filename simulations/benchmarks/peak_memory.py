@@ -14,7 +14,9 @@ import contextlib
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
 import psutil
 
@@ -31,6 +33,33 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    wall_seconds: float
+    peak_bytes: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+def measure_tree(command: list[str], *, interval: float = 0.1, capture: bool = False) -> Measured:
+    """Run `command`; sample its process tree's summed RSS every `interval` s until it exits.
+
+    With `capture`, its output goes to temporary files (not pipes, which would block a chatty child while we poll)
+    and comes back in the result; otherwise it goes to this process's stdout and stderr."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=out if capture else None, stderr=err if capture else None, text=True)
+        root, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            peak = max(peak, tree_rss(root))
+            time.sleep(interval)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        return Measured(child.returncode, wall, peak, out.read(), err.read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--interval", type=float, default=0.1)
@@ -39,18 +68,12 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to measure after --")
-    started = time.perf_counter()
-    child = subprocess.Popen(command)
-    root = psutil.Process(child.pid)
-    peak = 0
-    while child.poll() is None:
-        peak = max(peak, tree_rss(root))
-        time.sleep(args.interval)
-    wall = time.perf_counter() - started
-    result = {"command": " ".join(command), "exit_code": child.returncode, "wall_seconds": round(wall, 1),
-              "peak_rss_mib_process_tree": round(peak / 2**20)}
+    measured = measure_tree(command, interval=args.interval)
+    result = {"command": " ".join(command), "exit_code": measured.returncode,
+              "wall_seconds": round(measured.wall_seconds, 1),
+              "peak_rss_mib_process_tree": round(measured.peak_bytes / 2**20)}
     print(json.dumps(result), file=sys.stderr)
-    sys.exit(child.returncode)
+    sys.exit(measured.returncode)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from simulations.benchmarks.peak_memory import tree_rss
+from simulations.benchmarks.peak_memory import measure_tree
 
 MODES = {"secagg": [], "plain": ["--no-secagg"], "no-dp plain": ["--no-dp", "--no-secagg"]}
 
@@ -47,22 +43,15 @@ def measure(sites: int, per_round: int, rounds: int, mode: str, output: Path, se
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--sites", str(sites), "--per-round",
                str(min(per_round, sites)), "--rounds", str(rounds), "--scenario", str(scenario), "--seed", str(seed),
                "--output", str(output), "--run-name", name, "--json", *MODES[mode]]
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        peak = max(peak, tree_rss(root))
-        time.sleep(0.1)
-    stdout, stderr = child.communicate()
-    wall = time.perf_counter() - started
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{stderr[-3000:]}")
+    measured = measure_tree(command, capture=True)
+    if measured.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({measured.returncode}):\n{measured.stderr[-3000:]}")
     metrics = json.loads((output / name / "metrics.json").read_text())["rounds"]
     seconds = [r["seconds"] for r in metrics if r["round"] >= 1]
     later = seconds[1:] or seconds
     return {"sites": sites, "per_round": min(per_round, sites), "mode": mode, "rounds": rounds,
             "first_round_s": round(seconds[0], 2), "round_s": round(statistics.median(later), 2),
-            "wall_s": round(wall, 1), "peak_mib": round(peak / 2**20),
+            "wall_s": round(measured.wall_seconds, 1), "peak_mib": round(measured.peak_bytes / 2**20),
             "global_accuracy": metrics[-1]["global-accuracy"]}
 
 

@@ -19,8 +19,10 @@ from flwr.supercore.inflatable.inflatable_object import (
 )
 from PIL import Image
 
+from common.config import resolve
+from common.data.site import global_model
 from common.deploy.certs import make_study
-from common.models import build_model, count_parameters
+from common.models import count_parameters
 from common.privacy.ledger import PrivacyLedger
 from simulations.loopback import LoopbackDeployment
 from tests.capture_supernode import read_capture
@@ -87,7 +89,7 @@ def _image_windows(folder: Path, width: int = 24) -> set[bytes]:
 
 def test_raw_images_never_leave_a_site(deployed):
     deployment, _ = deployed
-    model_size = count_parameters(build_model("cnn", in_channels=1, num_classes=10, image_size=28))
+    model_size = count_parameters(global_model(resolve()))  # the default study's model, which the run trains
     for site in SITES:
         requests = _sent(deployment, site)
         assert {path for path, _ in requests} <= FLEET_PATHS
