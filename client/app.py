@@ -5,8 +5,9 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.egress import ALLOW_PLAIN_KEY, egress_guard, run_config_of
-from client.identity import STATE_DIR_KEY, is_simulated, site_id, site_state_dir
+from client.egress import ALLOW_PLAIN_KEY, egress_guard
+from client.identity import STATE_DIR_KEY, is_simulated
+from client.policy_gate import policy_gate, simulated_site_folder
 from client.secagg_mod import secagg_mod
 from client.simulated_faults import fault_mod
 from common.logs import tidy_logging
@@ -15,19 +16,20 @@ tidy_logging()
 
 
 def _egress_log_dir(context: Context, request: RecordDict) -> Path | None:
-    config = run_config_of(request)
-    if config is not None:
-        return site_state_dir(context, config, site_id(context))
-    return Path(str(context.node_config[STATE_DIR_KEY])) if STATE_DIR_KEY in context.node_config else None
+    if STATE_DIR_KEY in context.node_config:
+        return Path(str(context.node_config[STATE_DIR_KEY])).expanduser()
+    return simulated_site_folder(context, request) if is_simulated(context) else None
 
 
 def _plain_allowed(context: Context) -> bool:
     return is_simulated(context) or str(context.node_config.get(ALLOW_PLAIN_KEY, "false")).lower() == "true"
 
 
-# Outermost first. egress_guard checks every reply as it leaves (after masking); fault_mod: scenario-driven
-# dropouts, simulated sites only; secagg_mod: secure aggregation (plain messages pass through).
-app = ClientApp(mods=[egress_guard(_egress_log_dir, plain_allowed=_plain_allowed), fault_mod, secagg_mod])
+# Outermost first. egress_guard checks every reply as it leaves (after masking); policy_gate refuses, by name,
+# any request beyond the site's policy before anything is computed; fault_mod: scenario-driven dropouts,
+# simulated sites only; secagg_mod: secure aggregation (plain messages pass through).
+app = ClientApp(mods=[egress_guard(_egress_log_dir, plain_allowed=_plain_allowed), policy_gate, fault_mod,
+                      secagg_mod])
 
 
 # client.site (torch, Opacus) is imported only when a message needs training or evaluation: a deployed SuperNode

@@ -31,7 +31,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_to_proto
 
 from common import messages
-from common.config import RunConfig
 from common.secagg.shamir import SHARE_BYTES
 from common.wire import array_view
 
@@ -87,6 +86,10 @@ def check_reply(message_type: str, stage: str, request: RecordDict, reply: Recor
                 plain_allowed: bool) -> None:
     """Raise EgressRefused unless `reply` is exactly what the protocol sends for this request."""
     model_shapes = _model_shapes(request)
+    if message_type == MessageType.EVALUATE and messages.STATUS in reply:  # a refusal: its status alone
+        _records(reply, {messages.STATUS: ConfigRecord}, required={messages.STATUS})
+        _status(reply[messages.STATUS])
+        return
     if message_type == MessageType.EVALUATE:
         _records(reply, {messages.EVAL_METRICS: MetricRecord})
         _metrics(reply[messages.EVAL_METRICS], EVAL_METRICS, required=EVAL_METRICS)
@@ -242,18 +245,18 @@ def _log(folder: Path, msg: Message, stage: str, content: RecordDict, verdict: s
     proto = recorddict_to_proto(content)
     payload = proto.SerializeToString()
     records = {item.key: {"kind": type(content[item.key]).__name__, "bytes": item.ByteSize()} for item in proto.items}
-    run_config = msg.content.get(messages.RUN_CONFIG)
+    study = msg.content.get(messages.STUDY)
+    status = content.get(messages.STATUS)
     line = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": str(run_config["run-name"]) if run_config else "",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": str(study.get("run-name", ""))[:128] if isinstance(study, ConfigRecord) else "",
         "round": msg.metadata.group_id, "message-type": msg.metadata.message_type, "stage": stage,
         "records": records, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
         "verdict": verdict, "reason": reason,
+        # what the site answered: a refusal's named reason is in the log as well as in the ledger
+        "status": {"state": status["state"], "reason": status["reason"]}
+        if verdict == "sent" and isinstance(status, ConfigRecord) else None,
     }
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "egress.jsonl").open("a") as out:
         out.write(json.dumps(line) + "\n")
-
-
-def run_config_of(request: RecordDict) -> RunConfig | None:
-    record = request.get(messages.RUN_CONFIG)
-    return RunConfig.from_mapping(dict(record)) if record is not None else None

@@ -3,17 +3,14 @@ which must not import torch (a deployed SuperNode starts a fresh ClientApp proce
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import Context
-
-from common.config import RunConfig
 
 STATE_DIR_KEY = "state-dir"  # a deployed site's own folder for its ledger (node_config)
 SIMULATION_SITE_KEY = "partition-id"  # set by Flower's simulation engine for each virtual SuperNode
 DEPLOYMENT_SITE_KEY = "site-id"  # set by a partner site with `flower-supernode --node-config "site-id=3"`
 # A deployed site's own images (node_config): a class-folder tree, a CSV manifest, or DICOM files + labels CSV
 DATA_KEY, LABELS_CSV_KEY, CLASS_NAMES_KEY, SKIP_UNREADABLE_KEY = "data", "labels-csv", "class-names", "skip-unreadable"
+WITHOUT_PATIENT_KEY = "images-without-patient-id"  # explicit opt-in: files without a patient id, one patient each
 
 
 def site_id(context: Context) -> int:
@@ -27,10 +24,3 @@ def site_id(context: Context) -> int:
 def is_simulated(context: Context) -> bool:
     """Only Flower's simulation engine sets partition-id without a site-id; deployed sites always set site-id."""
     return SIMULATION_SITE_KEY in context.node_config and DEPLOYMENT_SITE_KEY not in context.node_config
-
-
-def site_state_dir(context: Context, config: RunConfig, site: int) -> Path:
-    """Where the site keeps its ledger: its own folder when deployed, the run folder's sites/ when simulated."""
-    if STATE_DIR_KEY in context.node_config:
-        return Path(str(context.node_config[STATE_DIR_KEY])).expanduser()
-    return Path(config.output_dir).expanduser().resolve() / config.run_name / "sites" / f"site-{site:04d}"

@@ -31,12 +31,12 @@ def _draw(config: RunConfig, server_round: int, site: int, stage: str) -> float:
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     content = msg.content
     if msg.metadata.message_type != MessageType.TRAIN or not is_simulated(context) \
-            or messages.RUN_CONFIG not in content:
+            or messages.SIMULATION not in content:
         return call_next(msg, context)
     stage = str(content[messages.SECAGG]["stage"]) if messages.SECAGG in content else messages.STAGE_MASKED_INPUT
     server_round = int(content[messages.SECAGG]["round"]) if messages.SECAGG in content \
         else int(content[messages.ROUND]["round"])
-    config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
+    config = RunConfig.from_mapping(dict(content[messages.SIMULATION]))  # the policy gate has checked it
     site = site_id(context)
     probability = {
         messages.STAGE_ADVERTISE: config.dropout_advertise, messages.STAGE_SHARE_KEYS: config.dropout_share_keys,

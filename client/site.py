@@ -1,7 +1,9 @@
-"""One site's round, between Flower messages and the trainer: identity, persistent privacy state, replies.
+"""One site's round, between Flower messages and the trainer: admission, budgets, privacy state, replies.
 
-The site's privacy state (budget, calibrated noise, accountant history) lives in the node's Context.state,
-which Flower keeps for the node across rounds, so epsilon is composed over the whole run.
+Every request first passes the site's gate (client.policy_gate): parsed, checked against the site's policy.
+The run's privacy state (budget, calibrated noise, accountant history) is kept in the node's Context.state and in
+the site's ledger, which also holds every earlier run, so the study's and the dataset's lifetime epsilon are
+composed from disk before each round: a restart or a new run id resets nothing.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord, RecordDict
 
 from client.identity import (
     CLASS_NAMES_KEY,
@@ -21,55 +24,66 @@ from client.identity import (
     DEPLOYMENT_SITE_KEY,
     LABELS_CSV_KEY,
     SKIP_UNREADABLE_KEY,
+    WITHOUT_PATIENT_KEY,
     is_simulated,
-    site_id,
-    site_state_dir,
 )
+from client.policy_gate import Admission, SiteSetupError, admit, refuse, state_dir
 from client.trainer import patients_per_batch, train_locally, train_patient_level
 from common import messages
 from common.config import RunConfig
 from common.data import SiteData, load_site_data
-from common.data.site import LocalDataSpec, load_deployed_site_data, load_source_for
-from common.errors import DataError
+from common.data.site import LocalDataSpec, load_deployed_site_data
+from common.errors import ConfigError, DataError
 from common.evaluation import evaluate_model
 from common.models import build_model
+from common.policy import PolicyRefusal
 from common.privacy import SitePrivacy
+from common.privacy.budget import DatasetSpend, epsilon, planned_history
 from common.privacy.ledger import LedgerEntry, PrivacyLedger, history_tuple
+from common.study import RequestError, StudySection
 from common.update_codec import clip_l2, flatten, unflatten
 
 PRIVACY_STATE = "carefed.site-privacy"
+GATE_ERRORS = (PolicyRefusal, RequestError, SiteSetupError, ConfigError)
+
+
 def noise_generator(context: Context, config: RunConfig, site: int, server_round: int) -> torch.Generator:
-    """Randomness for Poisson sampling and DP noise.
+    """Seeded randomness for a simulation's Poisson sampling and DP noise, so experiments reproduce. A deployed
+    site draws both from a CSPRNG instead (common.privacy.secure_noise); the server never chooses its noise."""
+    digest = hashlib.sha256(f"{config.seed}/{site}/{server_round}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
-    Simulations seed it from the run seed so experiments reproduce. A deployed site never lets the server choose
-    its noise: it seeds from the OS (64 bits into torch's generator; Opacus's secure_mode needs torchcsprng, which
-    does not install with current torch, so this is the strongest option Opacus offers today).
-    """
-    if is_simulated(context):
-        digest = hashlib.sha256(f"{config.seed}/{site}/{server_round}".encode()).digest()
-        seed = int.from_bytes(digest[:8], "little")
+
+def site_data(context: Context, admission: Admission) -> SiteData:
+    """The site's images: its own files when deployed (node config `data`), else the simulated partition."""
+    config, site, study = admission.config, admission.site, admission.request.study
+    if is_simulated(context) and DATA_KEY not in context.node_config:
+        data = load_site_data(config, site)
+    elif DATA_KEY not in context.node_config:
+        raise DataError(f"this SuperNode has no '{DATA_KEY}' in its node config; start it with --node-config "
+                        f"'{DEPLOYMENT_SITE_KEY}=<n> {DATA_KEY}=\"/path/to/images\"' (see `carefed site check`)")
     else:
-        seed = int.from_bytes(os.urandom(8), "little")
-    return torch.Generator().manual_seed(seed)
+        node = context.node_config
+        spec = LocalDataSpec(path=str(node[DATA_KEY]), labels_csv=str(node.get(LABELS_CSV_KEY, "")),
+                             class_names=str(node.get(CLASS_NAMES_KEY, "")),
+                             skip_unreadable=_flag(node, SKIP_UNREADABLE_KEY),
+                             images_without_patient_id=_flag(node, WITHOUT_PATIENT_KEY))
+        data = load_deployed_site_data(config, site, spec, image_size=study.image_size, channels=study.channels,
+                                       num_classes=study.num_classes)[0]
+    if tuple(data.train_x.shape[1:]) != (study.channels, study.image_size, study.image_size):
+        raise DataError(f"the study trains on {study.channels}x{study.image_size}x{study.image_size} images; this "
+                        f"site's are {tuple(data.train_x.shape[1:])}")
+    return data
 
 
-def site_data(context: Context, config: RunConfig, site: int) -> SiteData:
-    """The site's images: its own files when deployed with a `data` node config, else the simulated partition."""
-    if DATA_KEY not in context.node_config:
-        if not is_simulated(context):
-            raise DataError(f"this SuperNode has no '{DATA_KEY}' in its node config; start it with --node-config "
-                            f"'{DEPLOYMENT_SITE_KEY}=<n> {DATA_KEY}=\"/path/to/images\"' (see `carefed site check`)")
-        return load_site_data(config, site)
-    node = context.node_config
-    spec = LocalDataSpec(path=str(node[DATA_KEY]), labels_csv=str(node.get(LABELS_CSV_KEY, "")),
-                         class_names=str(node.get(CLASS_NAMES_KEY, "")),
-                         skip_unreadable=str(node.get(SKIP_UNREADABLE_KEY, "false")).lower() == "true")
-    return load_deployed_site_data(config, site, spec)[0]
+def _flag(node_config: Mapping[str, object], key: str) -> bool:
+    return str(node_config.get(key, "false")).lower() == "true"
 
 
-def model_for(config: RunConfig, data: SiteData, num_classes: int) -> torch.nn.Module:
-    channels, height, _ = data.train_x.shape[1:]
-    return build_model(config.model, in_channels=channels, num_classes=num_classes, image_size=height)
+def model_for(study: StudySection) -> torch.nn.Module:
+    """The study's model, built from the study section alone (architecture, image format, classes)."""
+    return build_model(study.model, in_channels=study.channels, num_classes=study.num_classes,
+                       image_size=study.image_size)
 
 
 def site_device(config: RunConfig) -> torch.device:
@@ -77,8 +91,8 @@ def site_device(config: RunConfig) -> torch.device:
     return torch.device("cuda") if config.client_num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def site_ledger(context: Context, config: RunConfig, site: int) -> PrivacyLedger:
-    return PrivacyLedger(site_state_dir(context, config, site) / "ledger.sqlite")
+def site_ledger(admission: Admission) -> PrivacyLedger:
+    return PrivacyLedger(admission.state_dir / "ledger.sqlite")
 
 
 def load_privacy(context: Context, ledger: PrivacyLedger | None = None, run_id: str = "",
@@ -94,16 +108,45 @@ def load_privacy(context: Context, ledger: PrivacyLedger | None = None, run_id: 
                        last.clip_norm, last.planned_rounds, list(last.history))
 
 
-def ledger_entry(config: RunConfig, site: int, server_round: int, privacy: SitePrivacy, epsilon: float,
-                 epsilon_independent: float, max_images_per_patient: int) -> LedgerEntry:
+def ledger_entry(admission: Admission, privacy: SitePrivacy, dataset: str, lifetime_epsilon: float,
+                 max_images_per_patient: int) -> LedgerEntry:
+    config = admission.config
     return LedgerEntry(
-        run_id=config.run_name, round=server_round, site=site, unit=config.privacy_unit,
+        run_id=config.run_name, round=admission.server_round, site=admission.site, unit=config.privacy_unit,
         sample_rate=privacy.sample_rate, noise_multiplier=privacy.noise_multiplier,
         clip_norm=privacy.max_grad_norm, steps_round=privacy.steps_per_round, steps_total=privacy.steps_total,
-        planned_rounds=privacy.planned_rounds, delta=privacy.delta, epsilon=epsilon,
-        epsilon_independent=epsilon_independent, budget=privacy.target_epsilon,
+        planned_rounds=privacy.planned_rounds, delta=privacy.delta, epsilon=privacy.epsilon(),
+        epsilon_independent=privacy.independent_epsilon(), budget=privacy.target_epsilon,
         max_images_per_patient=max_images_per_patient, history=history_tuple(privacy.history),
+        study=config.study_id, dataset=dataset, lifetime_epsilon=lifetime_epsilon,
+        lifetime_budget=admission.policy.lifetime_epsilon, lifetime_delta=admission.policy.max_delta,
     )
+
+
+def check_budgets(admission: Admission, ledger: PrivacyLedger, privacy: SitePrivacy) -> None:
+    """The study's and the dataset's lifetime budgets, composed with every earlier run in the ledger.
+
+    Before the site's first round of a run, the whole planned run must fit (a study that would push the dataset
+    past its lifetime budget is refused before anything is trained); after that, each next round must."""
+    policy, config = admission.policy, admission.config
+    spend = DatasetSpend.from_entries(ledger.spends())
+    planned = planned_history(privacy, privacy.planned_rounds if not privacy.history else 1)
+    what = "this run as planned" if not privacy.history else "the next round"
+    study_epsilon = epsilon(spend.history(exclude_run=config.run_name, study=config.study_id) + planned,
+                            privacy.delta)
+    if study_epsilon > policy.max_epsilon_per_study:
+        raise PolicyRefusal("max-epsilon-per-study", f"epsilon {study_epsilon:.3f} for study {config.study_id} "
+                            f"after {what}", f"{policy.max_epsilon_per_study:g} per study")
+    lifetime = epsilon(spend.history(exclude_run=config.run_name) + planned, policy.max_delta)
+    if lifetime > policy.lifetime_epsilon:
+        raise PolicyRefusal("lifetime-epsilon", f"epsilon {lifetime:.3f} over every study after {what}",
+                            f"{policy.lifetime_epsilon:g} for this dataset's lifetime")
+
+
+def lifetime_spent(admission: Admission, ledger: PrivacyLedger, privacy: SitePrivacy) -> float:
+    """The dataset's lifetime epsilon with this run's history as it now stands (before the entry is written)."""
+    others = DatasetSpend.from_entries(ledger.spends()).history(exclude_run=admission.config.run_name)
+    return epsilon(others + tuple(privacy.history), admission.policy.max_delta)
 
 
 def calibrate_site(config: RunConfig, data: SiteData, site: int) -> SitePrivacy:
@@ -156,7 +199,7 @@ def record_placement(context: Context, config: RunConfig, site: int, server_roun
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except ImportError:  # pragma: no cover - ray ships with flwr[simulation]
         node = "local"
-    path = site_state_dir(context, config, site) / "placement.jsonl"
+    path = state_dir(context, config, site) / "placement.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"round": server_round, "ray_node": node, "pid": os.getpid(), "host": socket.gethostname()})
     with path.open("a") as out:
@@ -164,38 +207,41 @@ def record_placement(context: Context, config: RunConfig, site: int, server_roun
 
 
 def train_site(content: RecordDict, context: Context) -> RecordDict:
-    """Run one round at this site: check the budget, train with DP-SGD, return the delta and the reports."""
-    config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
-    server_round = int(content[messages.ROUND]["round"])
-    site = site_id(context)
+    """Run one round at this site: admit the request, check every budget, train with DP-SGD, reply."""
+    try:
+        admission = admit(MessageType.TRAIN, content, context)
+    except GATE_ERRORS as err:
+        return refuse(content, context, err)
+    config, site = admission.config, admission.site
     torch.set_num_threads(config.client_threads)
-    record_placement(context, config, site, server_round)
-    data = site_data(context, config, site)
-    num_classes = _num_classes(config)
-
-    privacy, ledger = None, None
+    record_placement(context, config, site, admission.server_round)
+    data = site_data(context, admission)
     max_per_patient = int(np.bincount(data.train_patients).max()) if data.num_train else 0
-    patient_unit = config.privacy_unit == "patient"
+    privacy, ledger = None, None
     if config.dp:
-        ledger = site_ledger(context, config, site)
+        ledger = site_ledger(admission)
         privacy = load_privacy(context, ledger, config.run_name, site) or calibrate_site(config, data, site)
-        if not privacy.can_afford_next_round():
-            save_privacy(context, privacy)
-            reason = (f"site {site}: the next round would spend epsilon {privacy.epsilon_after_next_round():.3f} "
-                      f"> budget {privacy.target_epsilon} (spent so far {privacy.epsilon():.3f}); refusing")
-            return RecordDict({
-                messages.STATUS: ConfigRecord({"state": messages.STATE_REFUSED, "reason": reason}),
-                messages.PRIVACY_REPORT: privacy_report(site, privacy, max_per_patient),
-            })
+        save_privacy(context, privacy)
+        try:
+            if not privacy.can_afford_next_round():
+                raise PolicyRefusal("num-server-rounds", f"a round spending epsilon "
+                                    f"{privacy.epsilon_after_next_round():.3f} (spent {privacy.epsilon():.3f})",
+                                    f"this run's budget {privacy.target_epsilon:g}")
+            check_budgets(admission, ledger, privacy)
+        except PolicyRefusal as err:
+            refusal = refuse(content, context, err, data.fingerprint)
+            refusal[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient)
+            return refusal
 
-    model = model_for(config, data, num_classes)
+    model = model_for(admission.request.study)
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
     model.to(site_device(config))
-    generator = noise_generator(context, config, site, server_round)
-    if patient_unit and privacy is not None:
-        update = train_patient_level(model, data, config, privacy, generator)
+    generator = noise_generator(context, config, site, admission.server_round)
+    secure = not is_simulated(context)
+    if config.privacy_unit == "patient" and privacy is not None:
+        update = train_patient_level(model, data, config, privacy, generator, secure_noise=secure)
     else:
-        update = train_locally(model, data, config, privacy, generator)
+        update = train_locally(model, data, config, privacy, generator, secure_noise=secure)
     raw_delta = _numpy(update.delta)
     delta, clipped = clip_l2(flatten(raw_delta), config.update_clip_norm)
     records = RecordDict({
@@ -210,30 +256,27 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     if privacy is not None and ledger is not None:
         save_privacy(context, privacy)
         # the round's ledger entry is committed before the update can leave the site
-        entry = ledger.append(ledger_entry(config, site, server_round, privacy, privacy.epsilon(),
-                                           privacy.independent_epsilon(), max_per_patient))
+        entry = ledger.append(ledger_entry(admission, privacy, data.fingerprint,
+                                           lifetime_spent(admission, ledger, privacy), max_per_patient))
         records[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient, entry)
     return records
 
 
 def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the global model on this site's local test split (never used for training)."""
-    config = RunConfig.from_mapping(dict(content[messages.RUN_CONFIG]))
-    site = site_id(context)
-    torch.set_num_threads(config.client_threads)
-    data = site_data(context, config, site)
-    model = model_for(config, data, _num_classes(config))
+    try:
+        admission = admit(MessageType.EVALUATE, content, context)
+    except GATE_ERRORS as err:
+        return refuse(content, context, err)
+    torch.set_num_threads(admission.config.client_threads)
+    data = site_data(context, admission)
+    model = model_for(admission.request.study)
     model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
-    loss, accuracy = evaluate_model(model.to(site_device(config)), data.test_x, data.test_y)
+    loss, accuracy = evaluate_model(model.to(site_device(admission.config)), data.test_x, data.test_y)
     return RecordDict({messages.EVAL_METRICS: MetricRecord({
-        "site": site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,
+        "site": admission.site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,
     })})
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-
-
-def _num_classes(config: RunConfig) -> int:
-    return load_source_for(config).num_classes
-

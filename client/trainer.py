@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import GradSampleModule, PrivacyEngine
-from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -20,7 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.config import RunConfig
 from common.data import SiteData
 from common.privacy import SitePrivacy
-from common.privacy.accountant import ACCOUNTANT
+from common.privacy.secure_noise import SecureNoise, SecureNoiseDPOptimizer
+
+Uniforms = Callable[[int], torch.Tensor]  # count -> float64 uniforms on [0, 1), on the CPU
+
+
+class CalibrationMismatchError(RuntimeError):
+    """The site's data no longer matches what its noise was calibrated for (a different sampling rate)."""
 
 
 @dataclass
@@ -31,105 +38,78 @@ class LocalUpdate:
     steps: int
 
 
+@dataclass(frozen=True)
+class PoissonSampler:
+    """`steps` batches per pass, each example in each batch independently with probability `sample_rate`.
+
+    Opacus's sampler makes int(1 / sample_rate) batches, which is one short when 1 / (1 / k) rounds below k
+    (k = 93, 99, 105, ...); the accountant is told exactly `steps` steps at `sample_rate`, so we take exactly those.
+    """
+
+    num_examples: int
+    sample_rate: float
+    steps: int
+    uniforms: Uniforms
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for _ in range(self.steps):
+            yield torch.nonzero(self.uniforms(self.num_examples) < self.sample_rate).flatten()
+
+
 def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: SitePrivacy | None,
-                  generator: torch.Generator) -> LocalUpdate:
+                  generator: torch.Generator, *, secure_noise: bool = False) -> LocalUpdate:
     """Train `model` (holding the global weights) on the site's data; update `privacy`'s history in place.
 
-    With `privacy`, this is DP-SGD: a PrivacyEngine whose PRV accountant is loaded with the site's whole history,
-    so its epsilon is composed over every round so far. `generator` drives Poisson sampling and the noise.
+    With `privacy`, this is DP-SGD whose PRV accountant is loaded with the site's whole history, so its epsilon is
+    composed over every round so far. `generator` drives Poisson sampling and the noise, reproducibly; with
+    `secure_noise` both come from a fresh AES-CTR stream instead (deployed sites) and `generator` is unused.
     """
-    device = next(model.parameters()).device  # the caller put the model on the site's CPU or GPU
-    global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size,
-                        shuffle=privacy is None, generator=generator)
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=config.step_size,
-                                                       momentum=config.momentum)
-    model.train()
-    module: nn.Module = model
-    engine = None
-    if privacy is not None:
-        with warnings.catch_warnings():  # "Secure RNG turned off": see client.site.noise_generator
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant=ACCOUNTANT)
-        engine.accountant.load_state_dict(privacy.accountant().state_dict())
-        module, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True,
-            noise_generator=noise_generator_on(device, generator),
-        )
-        if abs(1.0 / len(loader) - privacy.sample_rate) > 1e-12:
-            raise RuntimeError(f"Opacus samples at rate {1.0 / len(loader)} but noise was calibrated for "
-                               f"{privacy.sample_rate}; the site's data size changed during the run")
-    losses, steps = [], 0
-    with warnings.catch_warnings():  # Opacus's hooks on the first layer trigger a harmless torch warning
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    if privacy is None:
+        return _train_without_dp(model, data, config, generator)
+    global_weights = _weights(model)
+    uniforms, secure = _randomness(generator, secure_noise)
+    steps = _batches_per_epoch(data.num_train, config.batch_size, privacy)
+    if privacy.steps_per_round != config.local_epochs * steps:
+        raise CalibrationMismatchError(f"the site's noise was calibrated for {privacy.steps_per_round} steps per "
+                                       f"round, not {config.local_epochs} epochs of {steps}: local-epochs changed "
+                                       "during the run; keep the run's config or start a new run")
+    sampler = PoissonSampler(data.num_train, privacy.sample_rate, steps, uniforms)
+    accountant = privacy.accountant()
+    losses = []
+    with _private(model, "mean") as module:
+        optimizer = _dp_optimizer(model, config, privacy, data.num_train, generator, secure)
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
         for _ in range(config.local_epochs):
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                if len(y) == 0:  # Poisson sampling can draw an empty batch: still a (noise-only) DP step
-                    _noise_only_step(module, optimizer)
-                else:
-                    loss = nn.functional.cross_entropy(module(x), y)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                steps += 1
-    if privacy is not None and engine is not None:
-        privacy.record_steps(engine.accountant.state_dict())
-        if isinstance(module, AbstractGradSampleModule):
-            module.to_standard_module()  # remove Opacus's hooks so the model can be trained again
-    delta = {k: (v.detach() - global_weights[k]).cpu() for k, v in model.state_dict().items()}
-    return LocalUpdate(delta, len(data.train_y), sum(losses) / max(len(losses), 1), steps)
+            losses += [_image_step(module, optimizer, data, rows) for rows in sampler]
+    privacy.record_steps(accountant.state_dict())
+    kept = [loss for loss in losses if loss is not None]
+    return LocalUpdate(_delta(model, global_weights), data.num_train, sum(kept) / max(len(kept), 1), len(losses))
 
 
 def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, privacy: SitePrivacy,
-                        generator: torch.Generator) -> LocalUpdate:
+                        generator: torch.Generator, *, secure_noise: bool = False) -> LocalUpdate:
     """Patient-level DP-SGD: Poisson-sample patients, clip each patient's summed gradient, add noise.
 
     Opacus computes per-image gradients (GradSampleModule); we sum them per patient before its DPOptimizer clips
     and noises, so the unit of clipping, sampling and accounting is the patient. The accountant is the same
-    run-long PRV history as at image level, now over patient-sampling steps.
+    run-long PRV history as at image level, now over patient-sampling steps. `secure_noise` as in train_locally.
     """
-    patients, images_of = patient_index(data.train_patients)
-    num_patients = len(images_of)
-    device = next(model.parameters()).device
-    if abs(1.0 / math.ceil(num_patients / patients_per_batch(config, data)) - privacy.sample_rate) > 1e-12:
-        raise RuntimeError("the site's patients changed during the run; its noise was calibrated for others")
-    global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.train()
-    module = GradSampleModule(model, loss_reduction="sum")
-    base = torch.optim.SGD(model.parameters(), lr=config.step_size, momentum=config.momentum)
-    expected = num_patients * privacy.sample_rate
-    optimizer = DPOptimizer(base, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                            expected_batch_size=max(1, round(expected)), loss_reduction="mean",
-                            generator=noise_generator_on(device, generator))
+    _, images_of = patient_index(data.train_patients)
+    _batches_per_epoch(len(images_of), patients_per_batch(config, data), privacy)
+    global_weights = _weights(model)
+    uniforms, secure = _randomness(generator, secure_noise)
+    sampler = PoissonSampler(len(images_of), privacy.sample_rate, privacy.steps_per_round, uniforms)
     accountant = privacy.accountant()
-    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
-    steps = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(privacy.steps_per_round):
-            optimizer.zero_grad(set_to_none=True)
-            chosen = torch.nonzero(torch.rand(num_patients, generator=generator) < privacy.sample_rate).flatten()
-            if len(chosen) == 0:
-                _noise_only_step(module, optimizer)
-            else:
-                rows = torch.cat([images_of[int(c)] for c in chosen])
-                x, y = data.train_x[rows].to(device), data.train_y[rows].to(device)
-                loss = nn.functional.cross_entropy(module(x), y, reduction="sum")
-                loss.backward()
-                owner = torch.searchsorted(chosen, patients[rows]).to(device)  # batch-local patient of each image
-                for p in module.parameters():
-                    if p.requires_grad and p.grad_sample is not None:
-                        per_patient = torch.zeros((len(chosen), *p.shape), dtype=p.grad_sample.dtype, device=device)
-                        p.grad_sample = per_patient.index_add_(0, owner, p.grad_sample)
-                optimizer.step()
-            steps += 1
-    module.to_standard_module()
+    with _private(model, "sum") as module:
+        optimizer = _dp_optimizer(model, config, privacy, len(images_of), generator, secure)
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
+        for chosen in sampler:
+            _patient_step(module, optimizer, data, [images_of[int(c)] for c in chosen])
     privacy.record_steps(accountant.state_dict())
-    delta = {k: (v.detach() - global_weights[k]).cpu() for k, v in model.state_dict().items()}
-    return LocalUpdate(delta, len(data.train_y), float("nan"), steps)
+    return LocalUpdate(_delta(model, global_weights), data.num_train, float("nan"), len(sampler))
 
 
 def noise_generator_on(device: torch.device, generator: torch.Generator) -> torch.Generator:
@@ -138,6 +118,11 @@ def noise_generator_on(device: torch.device, generator: torch.Generator) -> torc
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def expected_batch_size(num_units: int, sample_rate: float) -> int:
+    """The mean Poisson batch (n * q, rounded): DP-SGD divides the noised sum by it, not by the drawn batch size."""
+    return max(1, round(num_units * sample_rate))
 
 
 def patient_index(patient_ids: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -155,9 +140,117 @@ def patients_per_batch(config: RunConfig, data: SiteData) -> int:
     return max(1, round(config.batch_size * num_patients / max(data.num_train, 1)))
 
 
+def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
+                      generator: torch.Generator) -> LocalUpdate:
+    """The non-private baseline: shuffled fixed-size batches, plain SGD."""
+    device = next(model.parameters()).device
+    global_weights = _weights(model)
+    loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size, shuffle=True,
+                        generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.step_size, momentum=config.momentum)
+    model.train()
+    losses = []
+    for _ in range(config.local_epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return LocalUpdate(_delta(model, global_weights), data.num_train, sum(losses) / max(len(losses), 1),
+                       len(losses))
+
+
+def _batches_per_epoch(num_units: int, units_per_batch: int, privacy: SitePrivacy) -> int:
+    """ceil(n / B), the steps per epoch SitePrivacy.calibrate accounted for; refuse if its rate no longer fits."""
+    batches = math.ceil(num_units / units_per_batch)
+    if abs(1.0 / batches - privacy.sample_rate) > 1e-12:
+        raise CalibrationMismatchError(
+            f"the site now samples from {num_units} units ({batches} batches of {units_per_batch}), but its noise "
+            f"was calibrated for sample rate {privacy.sample_rate} (1/{round(1 / privacy.sample_rate)}): its data "
+            "changed during the run; restore the data it started with, or start a new run to recalibrate")
+    return batches
+
+
+def _randomness(generator: torch.Generator, secure_noise: bool) -> tuple[Uniforms, SecureNoise | None]:
+    """Sampling uniforms (53-bit float64, so P(u < q) is q to 2^-53) and, when secure, the CSPRNG behind them."""
+    if secure_noise:
+        secure = SecureNoise()
+        return secure.uniform, secure
+    return (lambda count: torch.rand(count, generator=generator, dtype=torch.float64)), None
+
+
+def _dp_optimizer(model: nn.Module, config: RunConfig, privacy: SitePrivacy, num_units: int,
+                  generator: torch.Generator, secure: SecureNoise | None) -> DPOptimizer:
+    """Opacus's DPOptimizer over SGD, as make_private builds it ("mean" loss), with noise from `secure` if given."""
+    base = torch.optim.SGD(model.parameters(), lr=config.step_size, momentum=config.momentum)
+    settings = {"noise_multiplier": privacy.noise_multiplier, "max_grad_norm": privacy.max_grad_norm,
+                "expected_batch_size": expected_batch_size(num_units, privacy.sample_rate), "loss_reduction": "mean"}
+    if secure is not None:
+        return SecureNoiseDPOptimizer(base, source=secure, **settings)
+    device = next(model.parameters()).device
+    return DPOptimizer(base, generator=noise_generator_on(device, generator), **settings)
+
+
+@contextmanager
+def _private(model: nn.Module, loss_reduction: str) -> Iterator[GradSampleModule]:
+    """`model` with Opacus's per-sample-gradient hooks, removed afterwards (even on error) so it can train again."""
+    model.train()
+    module = GradSampleModule(model, batch_first=True, loss_reduction=loss_reduction)
+    try:
+        with warnings.catch_warnings():  # Opacus's hooks on the first layer trigger a harmless torch warning
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield module
+    finally:
+        module.to_standard_module()
+
+
+def _image_step(module: GradSampleModule, optimizer: DPOptimizer, data: SiteData,
+                rows: torch.Tensor) -> float | None:
+    """One DP-SGD step on the sampled images; its (non-private, local) loss, or None for a noise-only step."""
+    optimizer.zero_grad(set_to_none=True)
+    if len(rows) == 0:  # Poisson sampling can draw an empty batch: still a (noise-only) DP step
+        _noise_only_step(module, optimizer)
+        return None
+    device = next(module.parameters()).device
+    x, y = data.train_x[rows].to(device, non_blocking=True), data.train_y[rows].to(device, non_blocking=True)
+    loss = nn.functional.cross_entropy(module(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _patient_step(module: GradSampleModule, optimizer: DPOptimizer, data: SiteData,
+                  images: list[torch.Tensor]) -> None:
+    """One step over the sampled patients' images, each patient's per-image gradients summed into one sample."""
+    optimizer.zero_grad(set_to_none=True)
+    if not images:
+        _noise_only_step(module, optimizer)
+        return
+    device = next(module.parameters()).device
+    rows = torch.cat(images)
+    loss = nn.functional.cross_entropy(module(data.train_x[rows].to(device)), data.train_y[rows].to(device),
+                                       reduction="sum")
+    loss.backward()
+    owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor([len(i) for i in images])).to(device)
+    for p in module.parameters():
+        if p.requires_grad and p.grad_sample is not None:
+            per_patient = torch.zeros((len(images), *p.shape), dtype=p.grad_sample.dtype, device=device)
+            p.grad_sample = per_patient.index_add_(0, owner, p.grad_sample)
+    optimizer.step()
+
+
 def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """An empty Poisson batch: zero per-sample gradients, so the step adds only calibrated noise."""
     for p in module.parameters():
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _delta(model: nn.Module, global_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.detach() - global_weights[k]).cpu() for k, v in model.state_dict().items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.study import PrivacySection, RequestError, SecAggSection, SiteRequest, StudySection, check_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = PROJECT_ROOT / "pyproject.toml"
@@ -70,6 +71,8 @@ class RunConfig:
     round_timeout: float  # seconds to wait for replies to one message round
     canaries: int  # one-run privacy audit: mislabelled canaries, each in training with probability 1/2; 0: none
     model: str
+    study_id: str  # the study this run belongs to; a site's policy lists the studies it joins
+    site_policy: str  # simulation: policy file for the virtual sites ("" : the default policy, joining study-id)
     seed: int
     output_dir: str
     run_name: str  # "" : generated from the time and seed
@@ -103,6 +106,37 @@ class RunConfig:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    def site_request(self, *, num_classes: int, channels: int, image_size: int) -> SiteRequest:
+        """The sections a site receives: the study, its privacy and its secure aggregation; nothing else."""
+        study = StudySection(
+            study_id=self.study_id, run_name=self.run_name, model=self.model, num_classes=num_classes,
+            channels=channels, image_size=image_size, num_server_rounds=self.num_server_rounds,
+            local_epochs=self.local_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            no_dp_learning_rate=self.no_dp_learning_rate, momentum=self.momentum,
+            update_clip_norm=self.update_clip_norm, local_test_fraction=self.local_test_fraction)
+        privacy = PrivacySection(dp=self.dp, privacy_unit=self.privacy_unit, target_epsilon=self.target_epsilon,
+                                 target_delta=self.target_delta, max_grad_norm=self.max_grad_norm,
+                                 planned_rounds=self.planned_rounds)
+        secagg = SecAggSection(secagg=self.secagg, dropout_rate=self.secagg_dropout_rate,
+                               colluding=self.secagg_colluding, min_cohort=self.secagg_min_cohort,
+                               graph_degree=self.secagg_graph_degree, max_weight=self.secagg_max_weight)
+        return SiteRequest(study, privacy, secagg)
+
+    def with_request(self, request: SiteRequest) -> RunConfig:
+        """This config with every value a site request carries (what a site trains with)."""
+        study, privacy, secagg = request.study, request.privacy, request.secagg
+        return self.replace(
+            study_id=study.study_id, run_name=study.run_name, model=study.model, num_classes=study.num_classes,
+            num_server_rounds=study.num_server_rounds, local_epochs=study.local_epochs, batch_size=study.batch_size,
+            learning_rate=study.learning_rate, no_dp_learning_rate=study.no_dp_learning_rate,
+            momentum=study.momentum, update_clip_norm=study.update_clip_norm,
+            local_test_fraction=study.local_test_fraction, dp=privacy.dp, privacy_unit=privacy.privacy_unit,
+            target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
+            max_grad_norm=privacy.max_grad_norm, privacy_planned_rounds=privacy.planned_rounds,
+            secagg=secagg.secagg, secagg_dropout_rate=secagg.dropout_rate, secagg_colluding=secagg.colluding,
+            secagg_min_cohort=secagg.min_cohort, secagg_graph_degree=secagg.graph_degree,
+            secagg_max_weight=secagg.max_weight)
 
     @property
     def site_budgets(self) -> list[float]:
@@ -158,9 +192,11 @@ class RunConfig:
             _fail("privacy_unit", self.privacy_unit, f"must be one of {PRIVACY_UNITS}")
         if self.partitioning not in PARTITIONINGS:
             _fail("partitioning", self.partitioning, f"must be one of {PARTITIONINGS}")
-        if self.site_size_median < self.min_site_images or not self.site_size_spread >= 0:
+        if self.site_size_median < self.min_site_images:
             _fail("site_size_median", self.site_size_median,
-                  f"must be at least min-site-images ({self.min_site_images}), with site-size-spread >= 0")
+                  f"must be at least min-site-images ({self.min_site_images})")
+        if not self.site_size_spread >= 0:
+            _fail("site_size_spread", self.site_size_spread, "must be 0 or more")
         if self.site_evaluation not in SITE_EVALUATIONS:
             _fail("site_evaluation", self.site_evaluation, f"must be one of {SITE_EVALUATIONS}")
         for name in ("dropout_advertise", "dropout_share_keys", "dropout_masked_input", "dropout_unmask",
@@ -199,9 +235,16 @@ class RunConfig:
             _fail("round_timeout", self.round_timeout, "must be a positive number of seconds")
         if not self.data:
             _fail("data", self.data, "is empty")
-        if self.client_num_cpus <= 0 or not (self.client_num_gpus >= 0 or self.client_num_gpus == -1):
-            _fail("client_num_gpus", self.client_num_gpus,
-                  "client-num-cpus must be positive and client-num-gpus -1 (auto) or a non-negative share")
+        if not self.client_num_cpus > 0:
+            _fail("client_num_cpus", self.client_num_cpus, "must be a positive number of CPUs per virtual site")
+        if not (self.client_num_gpus >= 0 or self.client_num_gpus == -1):
+            _fail("client_num_gpus", self.client_num_gpus, "must be -1 (auto) or a non-negative GPU share")
+        for name in ("study_id", "run_name"):
+            if getattr(self, name) or name == "study_id":
+                try:
+                    check_name(name.replace("_", "-"), getattr(self, name))
+                except RequestError:
+                    _fail(name, getattr(self, name), "must be letters, digits, '.', '_' or '-' (no path)")
 
 
 def _fail(name: str, value: object, problem: str) -> None:

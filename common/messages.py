@@ -1,12 +1,16 @@
 """Names of the records CareFed's server and sites exchange (one place, so both sides agree)."""
 
-RUN_CONFIG = "run-config"  # ConfigRecord: the resolved RunConfig, kebab-case keys
+# A request carries the study, privacy and secure-aggregation sections (common.study: one schema each).
+STUDY, PRIVACY, SECURE_AGGREGATION = "study", "privacy", "secure-aggregation"
+# Only the simulation engine's virtual sites get the whole run config (partitions, faults, run folder); a deployed
+# site refuses any request that carries it (its paths and faults are its own).
+SIMULATION = "simulation"
 ROUND = "round"  # ConfigRecord: {"round": int}
 GLOBAL_MODEL = "global-model"  # ArrayRecord: the global model's state dict
 UPDATE = "update"  # ArrayRecord: the site's model delta (plain aggregation)
 TRAIN_METRICS = "train-metrics"  # MetricRecord: site, num-examples, steps (no loss: it is not DP)
 PRIVACY_REPORT = "privacy-report"  # MetricRecord: the site's privacy spend so far (see client.site)
-STATUS = "status"  # ConfigRecord: {"state": "trained" | "refused", "reason": str}
+STATUS = "status"  # ConfigRecord: {"state": "trained" | "refused" | "aborted", "reason": str}
 EVAL_METRICS = "eval-metrics"  # MetricRecord: site, num-examples, loss, accuracy
 
 STATE_TRAINED = "trained"

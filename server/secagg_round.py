@@ -27,6 +27,7 @@ from common.wire import array_view, ids_from_wire, ids_to_wire, protocol_config_
 from server.aggregation import DeltaSum
 
 ReplyHandler = Callable[[int, RecordDict], None]
+REQUEST_SECTIONS = (messages.STUDY, messages.PRIVACY, messages.SECURE_AGGREGATION, messages.SIMULATION)
 
 
 @dataclass
@@ -127,11 +128,13 @@ class SecAggRound:
             len(unmask_request.alive), len(u1) - len(unmask_request.alive))
 
     def _exchange(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict]) -> dict[int, RecordDict]:
-        """Send one stage to `nodes` (with the public run config); keep replies that are not errors or refusals."""
+        """Send one stage to `nodes` (with the request's sections); keep replies that are not errors or refusals."""
         out = []
+        sections = [name for name in REQUEST_SECTIONS if name in self.train_content]
         for node in nodes:
             content = content_for(node)
-            content[messages.RUN_CONFIG] = self.train_content[messages.RUN_CONFIG]
+            for name in sections:
+                content[name] = self.train_content[name]
             out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
                                group_id=str(self.round)))
         replies: dict[int, RecordDict] = {}
@@ -141,7 +144,7 @@ class SecAggRound:
                 log(WARNING, "Round %d: node %d failed: %s", self.round, node, reply.error.reason)
                 continue
             status = reply.content.get(messages.STATUS)
-            if status is not None and status["state"] == messages.STATE_ABORTED:
+            if status is not None and status["state"] in (messages.STATE_ABORTED, messages.STATE_REFUSED):
                 log(WARNING, "Round %d: node %d refused: %s", self.round, node, status["reason"])
                 continue
             replies[node] = reply.content

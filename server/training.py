@@ -14,12 +14,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common import messages
 from common.config import RunConfig
 from common.data.site import check_partitions, global_model, load_source_for, resolve_partitioning, to_tensor
 from common.evaluation import evaluate_model
 from common.models import count_parameters
+from common.study import SiteRequest
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, apply_mean_delta
 from server.run_folder import RunFolder, with_run_name
@@ -38,6 +40,18 @@ class RoundOutcome:
     secagg_dropped: dict[str, list[int]] = field(default_factory=dict)
 
 
+def request_content(request: SiteRequest, server_round: int, model: ArrayRecord, *,
+                    simulation: RunConfig | None = None) -> RecordDict:
+    """What a site receives each round: the request's sections, the round, the global model (and, for the
+    simulation engine's virtual sites only, the whole run config)."""
+    content = RecordDict({name: ConfigRecord(values) for name, values in request.records().items()})
+    if simulation is not None:
+        content[messages.SIMULATION] = ConfigRecord(simulation.to_mapping())
+    content[messages.ROUND] = ConfigRecord({"round": server_round})
+    content[messages.GLOBAL_MODEL] = model
+    return content
+
+
 class FederatedTraining:
     """One run: owns the global model, the cohort sampler and the run folder."""
 
@@ -48,6 +62,11 @@ class FederatedTraining:
         check_partitions(config, source)
         torch.manual_seed(config.seed)
         self.model = global_model(config, source)
+        channels, image_size, _ = source.image_shape
+        self.request = config.site_request(num_classes=source.num_classes, channels=channels, image_size=image_size)
+        # Virtual sites (Flower's in-memory grid) also get the whole run config: their partitions, faults, run
+        # folder. A deployed site refuses any request that carries it.
+        self.simulated = isinstance(grid, InMemoryGrid)
         self.test_x, self.test_y = to_tensor(source.test.images), torch.from_numpy(source.test.labels)
         self.rng = random.Random(config.seed)
         self.exhausted: set[int] = set()  # node ids whose privacy budget cannot afford another round
@@ -110,11 +129,8 @@ class FederatedTraining:
         return sorted(self.rng.sample(eligible, min(size, len(eligible))))
 
     def _content(self, server_round: int) -> RecordDict:
-        return RecordDict({
-            messages.RUN_CONFIG: ConfigRecord(self.config.to_mapping()),
-            messages.ROUND: ConfigRecord({"round": server_round}),
-            messages.GLOBAL_MODEL: ArrayRecord(self.model.state_dict()),
-        })
+        return request_content(self.request, server_round, ArrayRecord(self.model.state_dict()),
+                               simulation=self.config if self.simulated else None)
 
     def _send(self, nodes: Iterable[int], message_type: str, server_round: int) -> list[Message]:
         content = self._content(server_round)
@@ -149,8 +165,11 @@ class FederatedTraining:
         """Record the site's privacy report and status; True if it trained."""
         status = content[messages.STATUS]
         report = content.get(messages.PRIVACY_REPORT)
-        site = int(report["site"]) if report is not None else int(content[messages.TRAIN_METRICS]["site"])
-        self.node_site[node] = site
+        metrics = content.get(messages.TRAIN_METRICS)
+        source = report if report is not None else metrics
+        site: int | str = int(source["site"]) if source is not None else self.node_site.get(node, f"node-{node}")
+        if isinstance(site, int):
+            self.node_site[node] = site
         if report is not None:
             self.folder.record_privacy(site, {"round": server_round, "status": status["state"], **report})
             if not report["next-round-affordable"]:
@@ -176,6 +195,11 @@ class FederatedTraining:
         for reply in self._send(nodes, MessageType.EVALUATE, server_round):
             if reply.has_error():
                 log(WARNING, "Evaluation: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            if messages.EVAL_METRICS not in reply.content:  # the site's policy refused to evaluate
+                status = reply.content.get(messages.STATUS)
+                log(INFO, "Evaluation: node %d refused: %s", reply.metadata.src_node_id,
+                    status["reason"] if status is not None else "no metrics")
                 continue
             metrics = reply.content[messages.EVAL_METRICS]
             self.node_site[reply.metadata.src_node_id] = int(metrics["site"])

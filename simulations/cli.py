@@ -63,8 +63,27 @@ Examples:
 
   carefed simulate --data pneumoniamnist.npz --model resnet18
 
-  carefed simulate --scenario simulations/scenarios/default.toml --json
+  carefed simulate --scenario simulations/scenarios/default.toml --format json
+
+  carefed simulate --run-config "local-epochs=1 secagg-graph-degree=4 study-id='lung-2026'"   # any key, as flwr run
 """
+
+
+class OutputFormat(StrEnum):
+    default = "default"
+    json = "json"
+
+
+def _run_config_overrides(run_config: list[str] | None) -> dict[str, Any]:
+    """`--run-config "key=value ..."` (repeatable) or a TOML file, parsed as `flwr run` parses it."""
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args(run_config or []))
+    except (ClickException, ValueError, OSError) as err:
+        message = err.format_message() if isinstance(err, ClickException) else str(err)
+        raise fail(2, f"--run-config: {message}") from None
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -107,14 +126,20 @@ def simulate(
     scenario: Annotated[Path | None, typer.Option(help="Scenario TOML (simulations/scenarios/).")] = None,
     ray_address: Annotated[str | None, typer.Option(
         envvar="RAY_ADDRESS", help="Run on an existing Ray cluster (host:port of its head), not a local one.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON on stdout.")] = False,
+    run_config: Annotated[list[str] | None, typer.Option(
+        help="Override any run-config key, as `flwr run --run-config`: \"key=value key2='text'\" or a .toml file "
+             "(applied after --scenario, before the flags above).")] = None,
+    output_format: Annotated[OutputFormat, typer.Option(
+        "--format", help="'json': print the final summary as JSON on stdout.")] = OutputFormat.default,
     verbose: Annotated[bool, typer.Option(help="Flower debug logs.")] = False,
 ) -> None:
     """Simulate hospitals training one model with DP-SGD; write runs/<run-id>/."""
-    overrides = _overrides(sites=sites, rounds=rounds, per_round=per_round, local_epochs=local_epochs,
+    as_json = output_format == OutputFormat.json
+    flagged = _overrides(sites=sites, rounds=rounds, per_round=per_round, local_epochs=local_epochs,
                            epsilon=epsilon, delta=delta, data=data, partitioning=partitioning, alpha=alpha,
                            model=model, seed=seed, output=output, run_name=run_name, batch_size=batch_size,
                            learning_rate=learning_rate, clip=clip)
+    overrides = {**_run_config_overrides(run_config), **flagged}
     if no_dp:
         overrides["dp"] = False
     if no_secagg:
@@ -294,6 +319,7 @@ def _print_audit(report: Any) -> None:
                       f"{row.epsilon_recomputed:.3f}", patient, f"{row.budget:g}", f"{row.sample_rate:.4f}",
                       f"{row.noise_multiplier:.3f}", str(row.steps_total), ",".join(row.flags) or "ok")
     out.print(table)
+    _print_lifetime(out, report)
     for ledger in report.ledgers:
         state = "[green]chain ok[/]" if ledger["chain_ok"] else "[red]CHAIN BROKEN[/]"
         out.print(f"{ledger['source']:>4} ledger {ledger['path']}: {ledger['entries']} entries, {state}",
@@ -304,6 +330,24 @@ def _print_audit(report: Any) -> None:
         out.print(f"[bold red]FAIL:[/] {escape(problem)}", soft_wrap=True)
     out.print("[bold green]audit passed[/]: chains intact, every epsilon recomputed within 1%, no budget overrun"
               if report.ok else f"[bold red]audit failed: {len(report.problems)} problem(s)[/]")
+
+
+def _print_lifetime(out: Console, report: Any) -> None:
+    """A site's spend per study and over its dataset's lifetime (recomputed with PLD), and what it refused."""
+    for site in report.lifetime:
+        table = Table(title=f"Privacy spent by the dataset of {site['path']} ({site['runs']} run(s))")
+        for column in ("study", "runs", "delta", "eps PLD (recomputed)"):
+            table.add_column(column, justify="left" if column == "study" else "right")
+        for study, info in site["studies"].items():
+            table.add_row(study, str(len(info["runs"])), f"{info['delta']:g}", f"{info['epsilon_recomputed']:.3f}")
+        recomputed = site["lifetime_epsilon_recomputed"]
+        table.add_row("[bold]lifetime[/]", str(site["runs"]), f"{site['delta']:g}",
+                      "-" if recomputed is None else f"{recomputed:.3f} (logged {site['lifetime_epsilon_logged']:.3f},"
+                      f" budget {site['budget']:g})")
+        out.print(table)
+    for refusal in report.refusals:
+        out.print(f"refused: run {escape(refusal['run_id'] or '?')} (study {escape(refusal['study'] or '?')}), "
+                  f"round {refusal['round']}: {escape(refusal['reason'])}", soft_wrap=True)
 
 
 app.command(epilog=CERTS_EPILOG)(certs)

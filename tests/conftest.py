@@ -23,7 +23,7 @@ def make_config(tmp_path: Path):
     """A RunConfig from pyproject defaults plus overrides, writing runs under tmp_path."""
 
     def _make(**overrides: Any) -> RunConfig:
-        values = {"output-dir": str(tmp_path / "runs")}
+        values = {"output-dir": str(tmp_path / "runs"), "run-name": "test-run"}
         values.update({k.replace("_", "-"): v for k, v in overrides.items()})
         return resolve(overrides=values)
 

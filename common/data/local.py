@@ -11,9 +11,14 @@ Three layouts; `load_local_site` picks one from its arguments:
   file are allowed and counted as `labels_without_image`.
 * ``class-folders``: `root` is a folder holding one folder per class, ``<root>/<class-name>/<file>`` with the
   extension .png, .jpg or .jpeg (any case). Only files directly inside a class folder are read. The patient id is
-  the file name up to its first underscore: ``p0012_view1.png`` and ``p0012_view2.jpg`` are patient ``p0012``. A
-  file name without an underscore (or starting with one) is a patient of its own, with the id
-  ``<class-name>/<file name>``.
+  the file name up to its first underscore: ``p0012_view1.png`` and ``p0012_view2.jpg`` are patient ``p0012``.
+
+Every image needs its patient's id: a class-folder file name without the ``<patient>_`` prefix (no underscore, or
+starting with one), a manifest row with an empty patient_id, or a DICOM file without PatientID is refused with a
+MissingPatientIdError. Such an image would otherwise silently be a patient of its own, so one real patient could be
+split into several and get only image-level protection under privacy-unit "patient". With the explicit opt-in
+`images_without_patient_id=True` each such image is loaded as its own patient (id: its path relative to the data
+folder) and counted in the summary as ``images-without-patient-id``.
 
 Labels are the federation's integers 0..num_classes-1. With `class_names`, a folder name or label may be one of
 those names (mapped to its position in the list; names take precedence) or an integer in range; without, it must
@@ -45,7 +50,26 @@ DICOM_EXTENSION = ".dcm"
 MANIFEST_COLUMNS = ("path", "label", "patient_id")
 DICOM_LABEL_COLUMNS = ("sop_instance_uid", "label")
 MAX_LISTED = 20  # problems listed one by one in an error message; the rest are counted
+MAX_LISTED_WITHOUT_PATIENT = 5  # files without a patient id listed in the refusal; the rest are counted
 SKIP_FLAG = "--skip-unreadable"
+WITHOUT_PATIENT_FLAG = "--images-without-patient-id"
+WITHOUT_PATIENT_NODE_CONFIG = "images-without-patient-id=true"
+
+
+class MissingPatientIdError(DataError):
+    """Images carry no patient id and the site did not opt in to loading each as a patient of its own: refused,
+    because a real patient split into several would get only image-level protection under privacy-unit "patient"."""
+
+    def __init__(self, problem: str, files: list[str], fix: str) -> None:
+        self.files = files  # every offending file (or manifest line), not only those in the message
+        super().__init__(
+            f"{problem}:\n{_listing(files, MAX_LISTED_WITHOUT_PATIENT)}\nEach would count as a patient of its own, "
+            "so one real patient's images could be split and get only image-level protection under "
+            f"privacy-unit \"patient\". {fix}, or, if each of these images really is a different patient (or "
+            f"image-level protection is acceptable for them), pass {WITHOUT_PATIENT_FLAG} (SuperNode node config: "
+            f"{WITHOUT_PATIENT_NODE_CONFIG}) to load each as its own patient; they are then counted as "
+            "images-without-patient-id."
+        )
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,7 @@ class LocalSiteData:
     unreadable: list[Unreadable]  # files skipped (only with skip_unreadable=True)
     layout: str  # "class-folders" | "csv-manifest" | "dicom"
     labels_without_image: int = 0
+    images_without_patient_id: int = 0  # loaded as a patient of their own (only with images_without_patient_id=True)
 
     def summary(self) -> dict:
         """JSON-able overview: counts per class and per patient, and what was skipped."""
@@ -84,6 +109,7 @@ class LocalSiteData:
             "unreadable": len(self.unreadable),
             "unreadable_files": [{"path": u.path, "reason": u.reason} for u in self.unreadable],
             "labels_without_image": self.labels_without_image,
+            "images-without-patient-id": self.images_without_patient_id,
         }
 
 
@@ -93,12 +119,25 @@ class _Item:
     label: int
     patient: str
     pixels: np.ndarray
+    without_patient_id: bool = False  # `patient` is the image's own path: it carries no patient id
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """An image file to read, its label, and its patient (None: the file carries no patient id)."""
+
+    path: Path
+    label: int
+    patient: str | None
 
 
 def load_local_site(root: Path, *, image_size: int, channels: int, num_classes: int,
                     class_names: Sequence[str] | None = None, labels_csv: Path | None = None,
-                    skip_unreadable: bool = False) -> LocalSiteData:
-    """Load one site's images from a class-folder tree, a CSV manifest, or DICOM files with a labels CSV."""
+                    skip_unreadable: bool = False, images_without_patient_id: bool = False) -> LocalSiteData:
+    """Load one site's images from a class-folder tree, a CSV manifest, or DICOM files with a labels CSV.
+
+    Images without a patient id raise MissingPatientIdError unless `images_without_patient_id` opts in to loading
+    each as a patient of its own (image-level protection only, even under privacy-unit "patient")."""
     _check_arguments(image_size, channels, num_classes, class_names)
     label_of = _label_parser(num_classes, class_names)
     root = Path(root).expanduser().resolve()
@@ -111,14 +150,14 @@ def load_local_site(root: Path, *, image_size: int, channels: int, num_classes: 
             raise DataError(f"{root} is a CSV manifest, which carries its own labels; a labels CSV ({labels_csv}) "
                             "is only for a folder of DICOM files. Drop one of the two.")
         layout = "csv-manifest"
-        items, unreadable = _manifest(root, label_of, image_size, channels)
+        items, unreadable = _manifest(root, label_of, image_size, channels, images_without_patient_id)
     elif labels_csv is not None:
         layout = "dicom"
         items, unreadable, labels_without_image = _dicom(root, Path(labels_csv).expanduser().resolve(), label_of,
-                                                         image_size, channels)
+                                                         image_size, channels, images_without_patient_id)
     elif root.is_dir():
         layout = "class-folders"
-        items, unreadable = _class_folders(root, label_of, image_size, channels)
+        items, unreadable = _class_folders(root, label_of, image_size, channels, images_without_patient_id)
     else:
         raise DataError(f"{root} is a file but not a .csv manifest. Pass the folder of class folders, a CSV "
                         "manifest (path,label,patient_id), or a folder of .dcm files with a labels CSV.")
@@ -141,6 +180,7 @@ def load_local_site(root: Path, *, image_size: int, channels: int, num_classes: 
         unreadable=unreadable,
         layout=layout,
         labels_without_image=labels_without_image,
+        images_without_patient_id=sum(item.without_patient_id for item in items),
     )
 
 
@@ -185,10 +225,10 @@ def _label_parser(num_classes: int, class_names: Sequence[str] | None) -> Callab
     return label_of
 
 
-def _listing(lines: list[str]) -> str:
-    shown = [f"  {line}" for line in lines[:MAX_LISTED]]
-    if len(lines) > MAX_LISTED:
-        shown.append(f"  ... and {len(lines) - MAX_LISTED} more")
+def _listing(lines: list[str], limit: int = MAX_LISTED) -> str:
+    shown = [f"  {line}" for line in lines[:limit]]
+    if len(lines) > limit:
+        shown.append(f"  ... and {len(lines) - limit} more")
     return "\n".join(shown)
 
 
@@ -205,15 +245,15 @@ def _visible(path: Path) -> bool:
 # --- layouts ------------------------------------------------------------------------------------------------------
 
 
-def _class_folders(root: Path, label_of: Callable[..., int], image_size: int,
-                   channels: int) -> tuple[list[_Item], list[Unreadable]]:
-    entries: list[tuple[Path, int, str]] = []
+def _class_folders(root: Path, label_of: Callable[..., int], image_size: int, channels: int,
+                   images_without_patient_id: bool) -> tuple[list[_Item], list[Unreadable]]:
+    entries: list[_Entry] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
         files = sorted(p for p in folder.iterdir() if _is_image_file(p))
         if not files:
             continue
         label = label_of(folder.name, f"class folder {folder}", "Rename the folder")
-        entries.extend((file, label, _patient_from_name(folder.name, file.name)) for file in files)
+        entries.extend(_Entry(file, label, _patient_from_name(file.name)) for file in files)
     if not entries:
         loose = sum(1 for p in root.iterdir() if _is_image_file(p))
         hint = (f" {loose} image(s) lie directly in {root}: move each into a folder named after its class."
@@ -221,23 +261,37 @@ def _class_folders(root: Path, label_of: Callable[..., int], image_size: int,
         raise DataError(f"no images found in {root}: looked for <root>/<class-name>/<file> with the extensions "
                         f"{', '.join(IMAGE_EXTENSIONS)} (any case).{hint} Put each class's images in a folder named "
                         "after the class, or pass a CSV manifest (path,label,patient_id).")
-    return _read_pictures(entries, image_size, channels)
+    without = [str(entry.path.relative_to(root)) for entry in entries if entry.patient is None]
+    if without and not images_without_patient_id:
+        raise MissingPatientIdError(
+            f"{len(without)} of {len(entries)} image file(s) in {root} carry no patient id (the file name up to its "
+            "first underscore, as in p0012_view1.png)", without,
+            "Rename each to <patient>_<n>.png (e.g. p0012_1.png, the same <patient> for all images of one patient), "
+            "or list the images in a CSV manifest with a patient_id column (path,label,patient_id)")
+    return _read_pictures(entries, image_size, channels, root)
 
 
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and _visible(path) and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _patient_from_name(folder: str, name: str) -> str:
+def _patient_from_name(name: str) -> str | None:
+    """The patient id a class-folder file name carries (up to its first underscore), or None."""
     prefix, underscore, _ = name.partition("_")
-    return prefix if underscore and prefix else f"{folder}/{name}"
+    return prefix if underscore and prefix else None
 
 
-def _manifest(manifest: Path, label_of: Callable[..., int], image_size: int,
-              channels: int) -> tuple[list[_Item], list[Unreadable]]:
+def _own_patient(path: Path, base: Path) -> str:
+    """The patient id of an image that carries none: its path relative to the data folder (unique per file)."""
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def _manifest(manifest: Path, label_of: Callable[..., int], image_size: int, channels: int,
+              images_without_patient_id: bool) -> tuple[list[_Item], list[Unreadable]]:
     rows = _read_csv(manifest, MANIFEST_COLUMNS, "a CSV manifest")
-    entries: list[tuple[Path, int, str]] = []
+    entries: list[_Entry] = []
     missing: list[str] = []
+    without: list[str] = []
     first_row: dict[Path, int] = {}
     for line, row in rows:
         where = f"{manifest}: line {line}"
@@ -247,26 +301,29 @@ def _manifest(manifest: Path, label_of: Callable[..., int], image_size: int,
         path = Path(text).expanduser()
         path = (path if path.is_absolute() else manifest.parent / path).resolve()
         label = label_of(row["label"], where)
-        patient = row["patient_id"].strip()
-        if not patient:
-            raise DataError(f"{where} has an empty patient_id for {text}; give every image its patient's id "
-                            "(images of one patient must never be split between training and testing).")
+        patient = row["patient_id"].strip() or None
+        if patient is None:
+            without.append(f"line {line}: {text}")
         if path in first_row:
             raise DataError(f"{where} lists {path} again (first at line {first_row[path]}); list each image once.")
         first_row[path] = line
         if not path.is_file():
             missing.append(f"line {line}: {path}")
-        entries.append((path, label, patient))
+        entries.append(_Entry(path, label, patient))
+    if without and not images_without_patient_id:
+        raise MissingPatientIdError(f"{manifest}: {len(without)} of {len(entries)} row(s) have an empty patient_id",
+                                    without, "Give every row its patient's id (the same id for all images of one "
+                                    "patient)")
     if missing:
         raise DataError(f"{manifest}: {len(missing)} listed image file(s) do not exist:\n{_listing(missing)}\n"
                         f"Fix the paths (relative paths are resolved from {manifest.parent}) or remove those rows.")
     if not entries:
         raise DataError(f"no images found: {manifest} has a header but no rows. Add one row per image.")
-    return _read_pictures(sorted(entries, key=lambda entry: str(entry[0])), image_size, channels)
+    return _read_pictures(sorted(entries, key=lambda entry: str(entry.path)), image_size, channels, manifest.parent)
 
 
-def _dicom(root: Path, labels_csv: Path, label_of: Callable[..., int], image_size: int,
-           channels: int) -> tuple[list[_Item], list[Unreadable], int]:
+def _dicom(root: Path, labels_csv: Path, label_of: Callable[..., int], image_size: int, channels: int,
+           images_without_patient_id: bool) -> tuple[list[_Item], list[Unreadable], int]:
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
@@ -293,6 +350,7 @@ def _dicom(root: Path, labels_csv: Path, label_of: Callable[..., int], image_siz
     items: list[_Item] = []
     unreadable: list[Unreadable] = []
     unlabelled: list[str] = []
+    without: list[str] = []
     matched: set[str] = set()
     for path in files:
         try:
@@ -312,8 +370,9 @@ def _dicom(root: Path, labels_csv: Path, label_of: Callable[..., int], image_siz
             unreadable.append(Unreadable(str(path), "no SOP Instance UID (0008,0018) in the DICOM header"))
             continue
         if not patient:
-            unreadable.append(Unreadable(str(path), "no PatientID (0010,0020) in the DICOM header"))
-            continue
+            without.append(str(path.relative_to(root)))
+            if not images_without_patient_id:
+                continue  # refused below, once every file has been looked at
         if uid not in label_rows:
             unlabelled.append(f"{path}: no label for SOP Instance UID {uid} in {labels_csv.name}")
             continue
@@ -325,7 +384,11 @@ def _dicom(root: Path, labels_csv: Path, label_of: Callable[..., int], image_siz
             unreadable.append(Unreadable(str(path), _reason(err)))
             continue
         matched.add(uid)
-        items.append(_Item(path, label, patient, pixels))
+        items.append(_Item(path, label, patient or _own_patient(path, root), pixels, without_patient_id=not patient))
+    if without and not images_without_patient_id:
+        raise MissingPatientIdError(
+            f"{len(without)} of {len(files)} DICOM file(s) under {root} have no PatientID (0010,0020)", without,
+            f"Set each file's PatientID (the same id for all images of one patient) or move those files out of {root}")
     if unlabelled:
         raise DataError(f"{len(unlabelled)} DICOM file(s) have no label:\n{_listing(unlabelled)}\nAdd a row "
                         f"(sop_instance_uid,label) for each to {labels_csv}, or move those files out of {root}.")
@@ -359,19 +422,21 @@ def _read_csv(path: Path, required: Sequence[str], what: str) -> list[tuple[int,
 # --- pixels -------------------------------------------------------------------------------------------------------
 
 
-def _read_pictures(entries: list[tuple[Path, int, str]], image_size: int,
-                   channels: int) -> tuple[list[_Item], list[Unreadable]]:
+def _read_pictures(entries: list[_Entry], image_size: int, channels: int,
+                   base: Path) -> tuple[list[_Item], list[Unreadable]]:
+    """Decode each entry's file; an entry without a patient id becomes its own patient (id relative to `base`)."""
     items: list[_Item] = []
     unreadable: list[Unreadable] = []
-    for path, label, patient in entries:
+    for entry in entries:
         try:
-            with Image.open(path) as image:
+            with Image.open(entry.path) as image:
                 image.load()
                 pixels = _conform(ImageOps.exif_transpose(image), image_size, channels)
         except Exception as err:  # Pillow raises many error types for corrupt or truncated files
-            unreadable.append(Unreadable(str(path), _reason(err)))
+            unreadable.append(Unreadable(str(entry.path), _reason(err)))
             continue
-        items.append(_Item(path, label, patient, pixels))
+        patient = entry.patient or _own_patient(entry.path, base)
+        items.append(_Item(entry.path, entry.label, patient, pixels, without_patient_id=entry.patient is None))
     return items, unreadable
 
 

@@ -30,6 +30,7 @@ class SiteData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     shift: ScannerShift
+    fingerprint: str = ""  # SHA-256 identifying the dataset (its files, or a simulated site's recipe)
 
     @property
     def num_train(self) -> int:
@@ -160,6 +161,8 @@ def load_site_data(config: RunConfig, site: int) -> SiteData:
         test_x=to_tensor(pixels[is_test]),
         test_y=torch.from_numpy(images.labels[is_test]),
         shift=shift,
+        fingerprint=hashlib.sha256(f"simulated/{config.data}/{config.seed}/{config.partitioning}/{config.num_sites}/"
+                                   f"{site}/{config.canaries}".encode()).hexdigest(),
     )
 
 
@@ -171,14 +174,15 @@ class LocalDataSpec:
     labels_csv: str = ""
     class_names: str = ""  # comma-separated, in label order
     skip_unreadable: bool = False
+    images_without_patient_id: bool = False  # opt-in: each image without a patient id is a patient of its own
 
 
-def load_deployed_site_data(config: RunConfig, site: int, spec: LocalDataSpec) -> tuple[SiteData, dict]:
+def load_deployed_site_data(config: RunConfig, site: int, spec: LocalDataSpec, *, image_size: int, channels: int,
+                            num_classes: int) -> tuple[SiteData, dict]:
     """A partner site's own images as SiteData: real patient ids, a stable patient-level train/test split, no
-    simulated scanner shift. Also returns the loader's summary (counts, patients, unreadable files)."""
-    source = load_source_for(config)  # the federation's image format and classes (the coordinator's choice)
-    height, _, channels = source.test.images.shape[1:]
-    local = _load_local_cached(spec, height, channels, source.num_classes)
+    simulated scanner shift. The image format and classes come from the study; the site never loads the
+    coordinator's data. Also returns the loader's summary (counts, patients, unreadable files)."""
+    local = _load_local_cached(spec, image_size, channels, num_classes)
     unique, patients = np.unique(local.patient_ids, return_inverse=True)
     # The split must not change between rounds (its noise is calibrated for the training set) and must not depend
     # on anything the server sends: seed it from the site's own file list.
@@ -192,8 +196,22 @@ def load_deployed_site_data(config: RunConfig, site: int, spec: LocalDataSpec) -
     pixels, labels = local.images.images, local.images.labels
     data = SiteData(site=site, train_x=to_tensor(pixels[~is_test]), train_y=torch.from_numpy(labels[~is_test]),
                     train_patients=patients[~is_test].astype(np.int64), test_x=to_tensor(pixels[is_test]),
-                    test_y=torch.from_numpy(labels[is_test]), shift=ScannerShift.for_site(site, 0, 0.0))
-    return data, local.summary()
+                    test_y=torch.from_numpy(labels[is_test]), shift=ScannerShift.for_site(site, 0, 0.0),
+                    fingerprint=files_fingerprint(tuple(local.files)))
+    return data, {**local.summary(), "fingerprint": data.fingerprint}
+
+
+@functools.lru_cache(maxsize=4)
+def files_fingerprint(files: tuple[str, ...]) -> str:
+    """SHA-256 over every file's path and contents: the identity of a deployed site's dataset in its ledger."""
+    digest = hashlib.sha256(b"carefed/dataset/v1")
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0")
+        try:
+            digest.update(hashlib.sha256(Path(name).read_bytes()).digest())
+        except OSError:
+            digest.update(b"unreadable")
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=2)
@@ -204,4 +222,5 @@ def _load_local_cached(spec: LocalDataSpec, image_size: int, channels: int, num_
     return load_local_site(Path(spec.path).expanduser(), image_size=image_size, channels=channels,
                            num_classes=num_classes, class_names=names,
                            labels_csv=Path(spec.labels_csv).expanduser() if spec.labels_csv else None,
-                           skip_unreadable=spec.skip_unreadable)
+                           skip_unreadable=spec.skip_unreadable,
+                           images_without_patient_id=spec.images_without_patient_id)

@@ -14,31 +14,55 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from opacus.accountants import PRVAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import ConfigError
 from common.privacy.independent import pld_epsilon
 
 ACCOUNTANT = "prv"
 CALIBRATION_TOLERANCE = 0.01
+MAX_CALIBRATION_EPSILON = 100.0  # no site policy allows more per study (common.policy.MAX_STUDY_EPSILON is 30)
+SIGMA_LIMIT, SIGMA_FLOOR = 1e4, 0.05
 
 
 @lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise (within 0.01 in epsilon) whose PRV epsilon after `steps` steps is <= target.
 
-    Pure and cached: in a large federation many sites share a sampling rate, and calibration costs seconds."""
-    if steps < 1 or not 0 < sample_rate <= 1:
-        raise ConfigError("privacy", f"steps={steps}, sample-rate={sample_rate}", "cannot calibrate noise",
-                          "Check local-epochs, batch-size and the site's data size.")
-    try:
-        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                     steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=CALIBRATION_TOLERANCE)
-    except (ValueError, RuntimeError) as err:  # pragma: no cover - opacus reports unreachable targets this way
-        raise ConfigError("target-epsilon", target_epsilon, f"cannot be reached ({err})",
-                          "Use a larger epsilon or delta, fewer rounds or a smaller batch size.") from err
-    return float(sigma)
+    Bounded in time and memory for any target a site policy allows: the PRV accountant's cost grows with the
+    epsilon it evaluates (Opacus's own search starts near sigma 0, where a target of 1000 took minutes and GBs),
+    so the search is bracketed with the cheap RDP bound and PRV is only evaluated where RDP's epsilon is at most
+    a few times the target. The sigma returned always has PRV epsilon <= target. Pure and cached."""
+    if steps < 1 or not 0 < sample_rate <= 1 or not 0 < target_epsilon <= MAX_CALIBRATION_EPSILON:
+        raise ConfigError("privacy", f"epsilon={target_epsilon}, steps={steps}, sample-rate={sample_rate}",
+                          "cannot calibrate noise", f"Use an epsilon in (0, {MAX_CALIBRATION_EPSILON:g}], "
+                          "and check local-epochs, batch-size and the site's data size.")
+    history = lambda sigma: ((sigma, sample_rate, steps),)  # noqa: E731
+    high = 0.25
+    while _rdp_epsilon(history(high), delta) > target_epsilon or prv_epsilon(history(high), delta) > target_epsilon:
+        high *= 2
+        if high > SIGMA_LIMIT:
+            raise ConfigError("target-epsilon", target_epsilon, f"needs noise above {SIGMA_LIMIT:g}",
+                              "Use a larger epsilon or delta, fewer rounds or a smaller batch size.")
+    low = high / 2
+    while low > SIGMA_FLOOR and _rdp_epsilon(history(low), delta) <= 4 * target_epsilon \
+            and prv_epsilon(history(low), delta) <= target_epsilon:
+        high, low = low, low / 2
+    for _ in range(40):
+        if prv_epsilon(history(high), delta) >= target_epsilon - CALIBRATION_TOLERANCE or high / low < 1.0001:
+            break
+        middle = (low + high) / 2
+        if prv_epsilon(history(middle), delta) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return float(high)
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
 
 
 @dataclass

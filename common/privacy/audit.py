@@ -14,8 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from common.privacy.budget import DatasetSpend
 from common.privacy.independent import History, patient_level_epsilon, pld_epsilon
-from common.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
+from common.privacy.ledger import KIND_REFUSAL, KIND_ROUND, LedgerEntry, LedgerError, PrivacyLedger
 
 TOLERANCE = 0.01  # relative disagreement between the logged and the recomputed epsilon that fails the audit
 RUN_LEDGER = "ledger.sqlite"
@@ -46,6 +47,8 @@ class AuditReport:
     problems: list[str] = field(default_factory=list)  # each fails the audit
     notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
     ledgers: list[dict[str, Any]] = field(default_factory=list)
+    lifetime: list[dict[str, Any]] = field(default_factory=list)  # per site ledger: spend per study and in all
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # requests the sites refused, with the reason
 
     @property
     def ok(self) -> bool:
@@ -53,7 +56,7 @@ class AuditReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "ledgers": self.ledgers,
-                "rows": [asdict(row) for row in self.rows]}
+                "lifetime": self.lifetime, "refusals": self.refusals, "rows": [asdict(row) for row in self.rows]}
 
 
 @lru_cache(maxsize=4096)
@@ -75,6 +78,14 @@ def audit_ledger(path: Path, source: str, report: AuditReport, *, patient_level:
     for problem in verification.problems:
         report.problems.append(f"{path}: entry {problem.seq}: {problem.problem}")
     entries = ledger.entries()
+    for entry in entries:
+        if entry.kind == KIND_REFUSAL:
+            report.refusals.append({"path": str(path), "run_id": entry.run_id, "study": entry.study,
+                                    "round": entry.round, "site": entry.site, "reason": entry.reason,
+                                    "recorded_at": entry.recorded_at})
+    entries = [e for e in entries if e.kind == KIND_ROUND]
+    if source == "site" and entries:
+        report.lifetime.append(_lifetime(path, entries, report))
     previous: dict[tuple[str, int], LedgerEntry] = {}
     for entry in entries:
         where = f"{path}: entry {entry.seq} (run {entry.run_id}, round {entry.round}, site {entry.site})"
@@ -109,6 +120,37 @@ def audit_ledger(path: Path, source: str, report: AuditReport, *, patient_level:
         previous[(entry.run_id, entry.site)] = entry
         report.rows.append(row)
     return entries
+
+
+def _lifetime(path: Path, entries: list[LedgerEntry], report: AuditReport) -> dict[str, Any]:
+    """The dataset's spend per study and over its lifetime, recomputed independently (dp-accounting PLD over the
+    concatenated run histories) and compared with what the site logged and its policy's lifetime budget."""
+    spend = DatasetSpend.from_entries(entries)
+    last = entries[-1]
+    studies = {}
+    for study in spend.studies():
+        delta = max(e.delta for e in entries if e.study == study)
+        runs = sorted(run for run, s in spend.study_of.items() if s == study)
+        studies[study or "(none)"] = {"runs": runs, "delta": delta,
+                                      "epsilon_recomputed": _recompute(spend.history(study=study), delta)}
+    summary: dict[str, Any] = {"path": str(path), "studies": studies, "runs": len(spend.runs),
+                               "lifetime_epsilon_logged": last.lifetime_epsilon, "budget": last.lifetime_budget,
+                               "delta": last.lifetime_delta, "lifetime_epsilon_recomputed": None}
+    if last.lifetime_delta <= 0:  # written before lifetime accounting: nothing logged to check
+        report.notes.append(f"{path}: no lifetime epsilon logged (ledger entries from before schema 2)")
+        return summary
+    recomputed = _recompute(spend.history(), last.lifetime_delta)
+    summary["lifetime_epsilon_recomputed"] = recomputed
+    if abs(recomputed - last.lifetime_epsilon) > TOLERANCE * max(last.lifetime_epsilon, 1e-12):
+        report.problems.append(f"{path}: lifetime epsilon logged {last.lifetime_epsilon:.4f} but the independent "
+                               f"PLD accountant gives {recomputed:.4f} over every run in the ledger")
+    if max(recomputed, last.lifetime_epsilon) > last.lifetime_budget * (1 + TOLERANCE):
+        report.problems.append(f"{path}: lifetime epsilon {max(recomputed, last.lifetime_epsilon):.4f} exceeds "
+                               f"the site's lifetime budget {last.lifetime_budget:g}")
+    logged = [e.lifetime_epsilon for e in entries if e.lifetime_delta > 0]
+    if any(b < a - 1e-9 for a, b in zip(logged, logged[1:], strict=False)):
+        report.problems.append(f"{path}: the logged lifetime epsilon went down (was the dataset's spend reset?)")
+    return summary
 
 
 def audit_site(path: Path) -> AuditReport:

@@ -6,6 +6,12 @@ entry i-1), so editing, deleting or reordering any entry breaks the chain at a p
 Triggers refuse UPDATE and DELETE; the chain catches what is done around them (another tool, a copied file).
 Each entry also carries the accountant's full history, so a restarted site continues its chain and its
 accountant from disk.
+
+The ledger belongs to the site's dataset, not to one run: every run of every study the site joins appends to it,
+so the lifetime spend is composed over all of them (common.privacy.budget). A refused request is an entry too
+(kind "refusal", with its reason and no spend), so the privacy officer sees what was asked and turned down.
+Schema 2 added study, dataset, kind, reason and the lifetime columns; a schema-1 file gains them on open with
+their defaults, which the hash leaves out, so its chain still verifies.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KIND_ROUND, KIND_REFUSAL = "round", "refusal"
 
 _COLUMNS = """
     seq INTEGER PRIMARY KEY,
@@ -32,6 +39,11 @@ _COLUMNS = """
     max_images_per_patient INTEGER NOT NULL, history TEXT NOT NULL, recorded_at TEXT NOT NULL,
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL
 """
+# Added in schema 2 (defaults keep schema-1 entries' hashes unchanged: see LedgerEntry.content).
+_V2_COLUMNS = {"study": "TEXT NOT NULL DEFAULT ''", "dataset": "TEXT NOT NULL DEFAULT ''",
+               "kind": "TEXT NOT NULL DEFAULT 'round'", "reason": "TEXT NOT NULL DEFAULT ''",
+               "lifetime_epsilon": "REAL NOT NULL DEFAULT 0", "lifetime_budget": "REAL NOT NULL DEFAULT 0",
+               "lifetime_delta": "REAL NOT NULL DEFAULT 0"}
 
 
 class LedgerError(Exception):
@@ -58,6 +70,13 @@ class LedgerEntry:
     budget: float
     max_images_per_patient: int
     history: tuple[tuple[float, float, int], ...]  # the accountant's (noise, sample rate, steps) entries
+    study: str = ""
+    dataset: str = ""  # fingerprint of the site's files (SHA-256)
+    kind: str = KIND_ROUND  # or KIND_REFUSAL: a request the site refused (no spend)
+    reason: str = ""  # a refusal's named reason
+    lifetime_epsilon: float = 0.0  # PRV epsilon over every run of every study in this ledger, this entry included
+    lifetime_budget: float = 0.0  # the site policy's lifetime-epsilon
+    lifetime_delta: float = 0.0  # the delta of the lifetime epsilon (the policy's max-delta)
     recorded_at: str = ""
     seq: int = 0
     prev_hash: str = ""
@@ -68,8 +87,15 @@ class LedgerEntry:
         data = asdict(self)
         for key in ("seq", "prev_hash", "hash"):
             data.pop(key)
+        for key, default in _V2_DEFAULTS.items():  # schema-1 entries hash as they always did
+            if data[key] == default:
+                data.pop(key)
         data["history"] = [list(h) for h in self.history]
         return data
+
+
+_V2_DEFAULTS = {"study": "", "dataset": "", "kind": KIND_ROUND, "reason": "", "lifetime_epsilon": 0.0,
+                "lifetime_budget": 0.0, "lifetime_delta": 0.0}
 
 
 def entry_hash(entry: LedgerEntry, prev_hash: str) -> str:
@@ -105,18 +131,33 @@ class PrivacyLedger:
             with self._connect() as db:
                 db.executescript(f"""
                     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                    INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA_VERSION}');
                     CREATE TABLE IF NOT EXISTS entries ({_COLUMNS});
                     CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
                         BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
                     CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
                         BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
                 """)
-                version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                version = self._migrate(db)
         except sqlite3.DatabaseError as err:
             raise LedgerError(f"{self.path} is not a CareFed privacy ledger ({err})") from err
         if version is None or version[0] != str(SCHEMA_VERSION):
             raise LedgerError(f"{self.path} has ledger schema {version}, expected {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> tuple[str] | None:
+        """Stamp a new file with the schema; bring a schema-1 file (or a new table) to 2 by adding columns."""
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if version is not None and version[0] == "1":
+            db.execute("BEGIN IMMEDIATE")
+            present = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            for column, kind in _V2_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+            version = (str(SCHEMA_VERSION),)
+        return version
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -144,6 +185,19 @@ class PrivacyLedger:
                 raise
         return stamped
 
+    def refusal(self, *, run_id: str, study: str, round: int, site: int, reason: str,
+                dataset: str = "") -> LedgerEntry:
+        """Record a refused request: what was asked and why not; no spend (every spend field is zero)."""
+        return self.append(LedgerEntry(
+            run_id=run_id, round=round, site=site, unit="", sample_rate=0.0, noise_multiplier=0.0, clip_norm=0.0,
+            steps_round=0, steps_total=0, planned_rounds=0, delta=0.0, epsilon=0.0, epsilon_independent=0.0,
+            budget=0.0, max_images_per_patient=0, history=(), study=study, dataset=dataset, kind=KIND_REFUSAL,
+            reason=reason))
+
+    def spends(self) -> list[LedgerEntry]:
+        """Every round entry (what was released), in order; refusals left out."""
+        return [e for e in self.entries() if e.kind == KIND_ROUND]
+
     def entries(self, run_id: str | None = None, site: int | None = None) -> list[LedgerEntry]:
         query, args = "SELECT * FROM entries", []
         conditions = []
@@ -164,7 +218,8 @@ class PrivacyLedger:
         return [_from_row(dict(r)) for r in rows]
 
     def last(self, run_id: str, site: int) -> LedgerEntry | None:
-        found = self.entries(run_id, site)
+        """The latest round entry of this run and site (refusals spend nothing and are skipped)."""
+        found = [e for e in self.entries(run_id, site) if e.kind == KIND_ROUND]
         return found[-1] if found else None
 
     def verify(self) -> Verification:
@@ -174,6 +229,8 @@ class PrivacyLedger:
         prev_hash, expected_seq = GENESIS, 1
         last_round: dict[tuple[str, int], int] = {}
         for entry in entries:
+            if entry.kind not in (KIND_ROUND, KIND_REFUSAL):
+                result.problems.append(ChainProblem(entry.seq, f"unknown entry kind {entry.kind!r}"))
             if entry.seq != expected_seq:
                 result.problems.append(ChainProblem(entry.seq, f"gap: expected entry {expected_seq}, found "
                                                                f"{entry.seq} (entries missing)"))
@@ -184,10 +241,11 @@ class PrivacyLedger:
                 result.problems.append(ChainProblem(entry.seq, "tampered: the entry's content does not match its "
                                                                "hash"))
             key = (entry.run_id, entry.site)
-            if key in last_round and entry.round <= last_round[key]:
+            if entry.kind == KIND_ROUND and key in last_round and entry.round <= last_round[key]:
                 result.problems.append(ChainProblem(entry.seq, f"round {entry.round} of site {entry.site} follows "
                                                                f"round {last_round[key]} (rounds out of order)"))
-            last_round[key] = entry.round
+            if entry.kind == KIND_ROUND:
+                last_round[key] = entry.round
             prev_hash, expected_seq = entry.hash, entry.seq + 1
         return result
 

@@ -56,7 +56,7 @@ def main() -> None:
             sent[name] = sum(len(body) for _, body in requests) / args.rounds
         simulated = subprocess.run(
             [sys.executable, "-m", "simulations.cli", "simulate", "--sites", str(args.sites), "--rounds",
-             str(args.rounds), "--output", str(work / "runs"), "--run-name", "simulated", "--json"],
+             str(args.rounds), "--output", str(work / "runs"), "--run-name", "simulated", "--format", "json"],
             capture_output=True, text=True)
         if simulated.returncode != 0:
             raise SystemExit(simulated.stderr[-3000:])

@@ -54,6 +54,7 @@ from common.config import RunConfig, resolve  # noqa: E402
 from common.logs import tidy_logging  # noqa: E402
 from server.aggregation import DeltaSum  # noqa: E402
 from server.secagg_round import SecAggRound  # noqa: E402
+from server.training import request_content  # noqa: E402
 
 UPDATE_NORM = 1.0  # L2 norm of each site's random update (well inside every system's bound)
 
@@ -138,7 +139,7 @@ class LoopbackGrid(Grid):
 def base_config() -> RunConfig:
     """Read pyproject.toml once: the benchmark runs for a long time and must not see later edits."""
     return resolve(overrides={"update-clip-norm": 2 * UPDATE_NORM, "secagg-max-weight": 1000,
-                              "secagg-min-cohort": 2})
+                              "secagg-min-cohort": 2, "run-name": "secagg-benchmark"})
 
 
 @lru_cache(maxsize=256)
@@ -181,11 +182,8 @@ def carefed_round(n: int, m: int, dropped: dict[int, int], secure: bool, degree:
     grid = LoopbackGrid(carefed_app(m), nodes, dropped)
     config = base_config().replace(secagg=secure, secagg_graph_degree=degree, num_sites=n,
                                    secagg_dropout_rate=dropout_rate)
-    content = RecordDict({
-        messages.RUN_CONFIG: ConfigRecord(config.to_mapping()),
-        messages.ROUND: ConfigRecord({"round": 1}),
-        messages.GLOBAL_MODEL: ArrayRecord({"w": Array(np.zeros(m, np.float32))}),
-    })
+    content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
+                              ArrayRecord({"w": Array(np.zeros(m, np.float32))}), simulation=config)
     grid.start_round()
     started = time.perf_counter()
     if secure:

@@ -127,7 +127,7 @@ def ray_cluster(tmp_path: Path):
 
 def test_simulation_runs_on_an_existing_two_node_ray_cluster(ray_cluster: str, tmp_path: Path):
     result = _carefed("simulate", "--sites", "4", "--rounds", "2", "--ray-address", ray_cluster,
-                      "--run-name", "cluster", "--output", str(tmp_path), "--json", cwd=tmp_path)
+                      "--run-name", "cluster", "--output", str(tmp_path), "--format", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["status"] == "complete"
     placements = [json.loads(line) for p in (tmp_path / "cluster" / "sites").glob("*/placement.jsonl")

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from common import messages
 from common.config import resolve
 from server.secagg_round import SecAggRound
+from server.training import request_content
 from simulations.benchmarks import secagg as bench
 
 M = 64
@@ -23,12 +24,9 @@ def _round(n: int, drop_at_stage: dict[int, int], dropout_rate: float = 0.3):
     nodes = list(range(1, n + 1))
     grid = bench.LoopbackGrid(bench.carefed_app(M), nodes, drop_at_stage)
     config = resolve(overrides={"num-sites": n, "update-clip-norm": 2.0, "secagg-max-weight": 1000,
-                                "secagg-dropout-rate": dropout_rate})
-    content = RecordDict({
-        messages.RUN_CONFIG: ConfigRecord(config.to_mapping()),
-        messages.ROUND: ConfigRecord({"round": 1}),
-        messages.GLOBAL_MODEL: ArrayRecord({"w": bench.Array(np.zeros(M, np.float32))}),
-    })
+                                "secagg-dropout-rate": dropout_rate, "run-name": "adapters"})
+    content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
+                              ArrayRecord({"w": bench.Array(np.zeros(M, np.float32))}), simulation=config)
     seen = []
     outcome = SecAggRound(grid, config, 1, content, M, lambda node, reply: seen.append(node)).run(nodes)
     return outcome, grid, seen

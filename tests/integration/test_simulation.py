@@ -99,7 +99,7 @@ def test_sites_that_cannot_afford_another_round_are_not_sampled_and_the_run_ends
 
 def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):
     result = _carefed("simulate", "--sites", "3", "--rounds", "1", "--no-dp", "--run-name", "cli",
-                      "--output", str(tmp_path), "--json", cwd=tmp_path)
+                      "--output", str(tmp_path), "--format", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["status"] == "complete" and summary["dp"] is False and summary["secure_aggregation"] is True

@@ -28,6 +28,7 @@ def test_site_check_reports_counts_patients_and_the_planned_privacy(tmp_path: Pa
     report = json.loads(result.stdout)
     assert report["per_class"] == {"0": 40, "1": 40, "2": 40} and report["patients"] == 60
     assert report["images_per_patient"] == {"min": 2, "median": 2.0, "max": 2}
+    assert report["images-without-patient-id"] == 0
     assert report["train-images"] + report["local-test-images"] == 120
     plan = report["privacy"]
     assert plan["unit"] == "image" and plan["budget"] == 3.0 and len(plan["epsilon-after-round"]) == 4
@@ -69,3 +70,41 @@ def test_the_sites_keys_are_checked_with_its_data(tmp_path: Path):
     result = _carefed("site", "check", "--data", str(data), "--keys", str(keys), cwd=tmp_path)
     assert result.returncode == 2
     assert "node.key not found; copy this site's sites/<site>/ folder" in " ".join(result.stderr.split())
+
+
+def _without_patient_prefix(data: Path, count: int) -> None:
+    rng = np.random.default_rng(1)
+    for n in range(count):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(data / "1" / f"scan{n}.png")
+
+
+def test_images_without_a_patient_id_are_refused_naming_them_and_the_fixes(tmp_path: Path):
+    data = _site_folder(tmp_path / "images")
+    _without_patient_prefix(data, 3)
+    refused = _carefed("site", "check", "--data", str(data), "--skip-unreadable", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stdout == ""  # no report for a site that is refused
+    message = " ".join(refused.stderr.split())
+    assert "3 of 123 image file(s)" in message and "carry no patient id" in message
+    assert all(f"1/scan{n}.png" in message for n in range(3))
+    assert "<patient>_<n>.png" in message and "patient_id column" in message
+    assert "--images-without-patient-id" in message
+
+
+def test_the_opt_in_is_counted_and_the_report_says_those_images_get_only_image_level_protection(tmp_path: Path):
+    data = _site_folder(tmp_path / "images")
+    _without_patient_prefix(data, 3)
+    opted_in = _carefed("site", "check", "--data", str(data), "--images-without-patient-id", "--json", cwd=tmp_path)
+    assert opted_in.returncode == 0, opted_in.stderr[-2000:]
+    report = json.loads(opted_in.stdout)
+    assert report["images-without-patient-id"] == 3
+    assert report["images"] == 123 and report["patients"] == 63  # each such image is a patient of its own
+    scenario = tmp_path / "patient-level.toml"
+    scenario.write_text('[config]\nprivacy-unit = "patient"\n')
+    text = _carefed("site", "check", "--data", str(data), "--images-without-patient-id", "--scenario", str(scenario),
+                    "--rounds", "2", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr[-2000:]
+    out = " ".join(text.stdout.split())
+    assert "3 image(s) have no patient id and were loaded as one patient each" in out
+    assert "privacy unit is 'patient'" in out and "protected only as single images, even at patient level" in out
+    assert "Privacy (patient-level" in out

@@ -79,5 +79,9 @@ def test_auto_gpu_share_splits_the_gpus_among_concurrent_sites_and_is_zero_witho
     share = resolve_resources(config).client_num_gpus
     assert share > 0 if torch.cuda.is_available() else share == 0.0  # GPUs are used when present
     assert resolve_resources(config.replace(client_num_gpus=0.5)).client_num_gpus == 0.5
-    with pytest.raises(ConfigError, match="client-num-gpus -1"):
+    with pytest.raises(ConfigError, match="'client-num-gpus' = -0.5: must be -1"):
         resolve(overrides={"client-num-gpus": -0.5})
+    with pytest.raises(ConfigError, match="'client-num-cpus' = 0"):  # named by its own key, not the GPUs'
+        resolve(overrides={"client-num-cpus": 0})
+    with pytest.raises(ConfigError, match="'site-size-spread' = -1.0"):
+        resolve(overrides={"site-size-spread": -1.0})

@@ -25,7 +25,7 @@ def _task_identity():
 
 def _request(stage: str | None = None, **secagg) -> RecordDict:
     content = RecordDict({
-        messages.RUN_CONFIG: ConfigRecord({"run-name": "t"}),
+        messages.STUDY: ConfigRecord({"run-name": "t"}),
         messages.GLOBAL_MODEL: ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()}),
     })
     if stage is not None:

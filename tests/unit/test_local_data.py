@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from common.data.local import load_local_site
+from common.data.local import MissingPatientIdError, load_local_site
 from common.errors import DataError
 
 CLASSES = ["normal", "pneumonia", "covid"]
@@ -67,7 +67,7 @@ def class_tree(tmp_path: Path) -> Path:
     root = tmp_path / "site"
     write_picture(root / "normal" / "p0001_view1.png")
     write_picture(root / "normal" / "p0001_view2.JPG", size=(30, 60))
-    write_picture(root / "normal" / "scan9.png", size=(20, 20), mode="L")
+    write_picture(root / "normal" / "p0009_scan.png", size=(20, 20), mode="L")
     write_picture(root / "pneumonia" / "p0002_a.jpeg", size=(64, 48))
     write_picture(root / "pneumonia" / "p0003_a.PNG", color=(255, 0, 0))
     write_picture(root / "covid" / "p0001_late.png", size=(33, 41), mode="L")
@@ -85,10 +85,10 @@ def test_class_folders_map_names_and_parse_patients(class_tree: Path, channels: 
     assert data.images.labels.dtype == np.int64
     assert data.files == sorted(data.files)
     names = [Path(f).name for f in data.files]
-    assert names == ["p0001_late.png", "p0001_view1.png", "p0001_view2.JPG", "scan9.png", "p0002_a.jpeg",
+    assert names == ["p0001_late.png", "p0001_view1.png", "p0001_view2.JPG", "p0009_scan.png", "p0002_a.jpeg",
                      "p0003_a.PNG"]
     assert data.images.labels.tolist() == [2, 0, 0, 0, 1, 1]
-    assert data.patient_ids.tolist() == ["p0001", "p0001", "p0001", "normal/scan9.png", "p0002", "p0003"]
+    assert data.patient_ids.tolist() == ["p0001", "p0001", "p0001", "p0009", "p0002", "p0003"]
     red = data.images.images[names.index("p0003_a.PNG")]
     expected = [76] if channels == 1 else [255, 0, 0]  # Pillow's "L" weights red by 0.299
     assert (red.reshape(-1, channels) == expected).all()
@@ -98,6 +98,47 @@ def test_class_folders_map_names_and_parse_patients(class_tree: Path, channels: 
     assert summary["patients"] == 4
     assert summary["images_per_patient"] == {"min": 1, "median": 1.0, "max": 3}
     assert summary["unreadable"] == 0 and summary["unreadable_files"] == []
+    assert summary["images-without-patient-id"] == 0
+
+
+def test_class_folder_files_without_a_patient_prefix_are_refused_naming_them_and_the_fixes(class_tree: Path):
+    write_picture(class_tree / "normal" / "scan9.png")  # no underscore
+    write_picture(class_tree / "covid" / "_late.png")  # starts with one: no patient before it
+    for n in range(6):
+        write_picture(class_tree / "pneumonia" / f"img{n}.jpg")
+    for skip_unreadable in (False, True):  # a readable file without a patient id is not "unreadable"
+        with pytest.raises(MissingPatientIdError) as caught:
+            load_local_site(class_tree, image_size=8, channels=1, num_classes=3, class_names=CLASSES,
+                            skip_unreadable=skip_unreadable)
+    error = caught.value
+    assert isinstance(error, DataError)  # the CLI's exit 2 and the ClientApp's data error handling apply
+    assert sorted(error.files) == sorted(["normal/scan9.png", "covid/_late.png"]
+                                         + [f"pneumonia/img{n}.jpg" for n in range(6)])
+    message = str(error)
+    assert "8 of 14 image file(s)" in message and "carry no patient id" in message
+    assert "covid/_late.png" in message and "normal/scan9.png" in message and "... and 3 more" in message
+    assert "<patient>_<n>.png" in message and "patient_id" in message and "--images-without-patient-id" in message
+    assert "image-level protection" in message
+
+
+def test_the_opt_in_loads_each_file_without_a_patient_id_as_its_own_patient_and_counts_it(class_tree: Path):
+    write_picture(class_tree / "normal" / "p0012.png")  # not patient p0012: the prefix needs its underscore
+    write_picture(class_tree / "covid" / "p0012.png")  # same name in another class: still a different image
+    data = load_local_site(class_tree, image_size=8, channels=1, num_classes=3, class_names=CLASSES,
+                           images_without_patient_id=True)
+    assert len(data.images) == 8 and data.images_without_patient_id == 2
+    by_name = dict(zip((str(Path(f).relative_to(class_tree)) for f in data.files), data.patient_ids.tolist(),
+                       strict=True))
+    assert by_name["normal/p0012.png"] == "normal/p0012.png" and by_name["covid/p0012.png"] == "covid/p0012.png"
+    assert by_name["normal/p0001_view1.png"] == "p0001"  # files with a prefix are grouped as before
+    summary = data.summary()
+    assert summary["images-without-patient-id"] == 2 and summary["patients"] == 6
+    # the opt-in changes nothing for a site whose files all carry a patient id
+    (class_tree / "normal" / "p0012.png").unlink()
+    (class_tree / "covid" / "p0012.png").unlink()
+    data = load_local_site(class_tree, image_size=8, channels=1, num_classes=3, class_names=CLASSES,
+                           images_without_patient_id=True)
+    assert data.images_without_patient_id == 0 and data.summary()["patients"] == 4
 
 
 def test_integer_folder_names_need_no_class_names(tmp_path: Path):
@@ -151,7 +192,7 @@ def test_corrupt_image_fails_naming_it_or_is_skipped_and_reported(class_tree: Pa
 
 def test_nothing_readable_is_an_error_even_when_skipping(tmp_path: Path):
     (tmp_path / "0").mkdir()
-    (tmp_path / "0" / "a.png").write_bytes(b"not a png")
+    (tmp_path / "0" / "p1_a.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="none of the 1 image files could be read"):
         load_local_site(tmp_path, image_size=8, channels=1, num_classes=2, skip_unreadable=True)
 
@@ -159,7 +200,7 @@ def test_nothing_readable_is_an_error_even_when_skipping(tmp_path: Path):
 def test_long_unreadable_lists_are_cut_off(tmp_path: Path):
     for i in range(23):
         (tmp_path / "1").mkdir(exist_ok=True)
-        (tmp_path / "1" / f"p{i:02d}.png").write_bytes(b"junk")
+        (tmp_path / "1" / f"p{i:02d}_0.png").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"\.\.\. and 3 more"):
         load_local_site(tmp_path, image_size=8, channels=1, num_classes=2)
 
@@ -196,6 +237,21 @@ def test_csv_manifest_errors(tmp_path: Path):
     manifest.write_text("path,label,patient_id\na.png,tumour,p1\n")
     with pytest.raises(DataError, match=r"m\.csv: line 2: unknown label 'tumour'.*integers 0-1"):
         load_local_site(manifest, image_size=8, channels=1, num_classes=2)
+
+
+def test_manifest_rows_with_an_empty_patient_id_are_refused_unless_opted_in(tmp_path: Path):
+    for name in ("a.png", "b.png", "c.png"):
+        write_picture(tmp_path / name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,patient_id\na.png,0,P-1\nb.png,1,\nc.png,1,  \n")
+    with pytest.raises(MissingPatientIdError) as caught:
+        load_local_site(manifest, image_size=8, channels=1, num_classes=2, skip_unreadable=True)
+    assert caught.value.files == ["line 3: b.png", "line 4: c.png"]
+    message = str(caught.value)
+    assert "2 of 3 row(s) have an empty patient_id" in message and "--images-without-patient-id" in message
+    data = load_local_site(manifest, image_size=8, channels=1, num_classes=2, images_without_patient_id=True)
+    assert data.patient_ids.tolist() == ["P-1", "b.png", "c.png"]
+    assert data.summary()["images-without-patient-id"] == 2 and data.summary()["patients"] == 3
 
 
 def test_dicom_pixels_rescale_invert_and_first_frame(tmp_path: Path):
@@ -250,26 +306,46 @@ def test_dicom_labels_csv_columns_and_unknown_label(tmp_path: Path):
         load_local_site(tmp_path / "d", labels_csv=labels, image_size=8, channels=1, num_classes=2)
 
 
-def test_truncated_or_patientless_dicom_is_unreadable(tmp_path: Path):
+def test_truncated_or_non_dicom_files_are_unreadable(tmp_path: Path):
     root = tmp_path / "d"
     good = write_dicom(root / "a.dcm", gradient())
     cut = write_dicom(root / "b.dcm", gradient(64))
-    anonymous = write_dicom(root / "c.dcm", gradient(), patient=None)
     (root / "d.dcm").write_bytes(b"definitely not DICOM" * 20)
     truncated = root / "b.dcm"
     truncated.write_bytes(truncated.read_bytes()[:-3000])
-    labels = write_labels(tmp_path / "labels.csv", [(good, "0"), (cut, "1"), (anonymous, "1")])
-    with pytest.raises(DataError, match="3 of 4 image files could not be read") as caught:
+    labels = write_labels(tmp_path / "labels.csv", [(good, "0"), (cut, "1")])
+    with pytest.raises(DataError, match="2 of 3 image files could not be read") as caught:
         load_local_site(root, labels_csv=labels, image_size=8, channels=1, num_classes=2)
     assert str(truncated) in str(caught.value) and "--skip-unreadable" in str(caught.value)
     data = load_local_site(root, labels_csv=labels, image_size=8, channels=1, num_classes=2, skip_unreadable=True)
     assert len(data.images) == 1 and data.patient_ids.tolist() == ["pat-1"]
     reasons = {Path(u.path).name: u.reason for u in data.unreadable}
-    assert set(reasons) == {"b.dcm", "c.dcm", "d.dcm"}
-    assert "PatientID" in reasons["c.dcm"]
+    assert set(reasons) == {"b.dcm", "d.dcm"}
     assert "not a DICOM file" in reasons["d.dcm"]
-    assert data.summary()["unreadable"] == 3
-    assert data.labels_without_image == 2  # the unreadable files' label rows match no loaded image
+    assert data.summary()["unreadable"] == 2
+    assert data.labels_without_image == 1  # the unreadable file's label row matches no loaded image
+
+
+def test_dicom_without_patient_id_is_refused_unless_opted_in(tmp_path: Path):
+    root = tmp_path / "d"
+    named = write_dicom(root / "a.dcm", gradient(), patient="P1")
+    anonymous = write_dicom(root / "scans" / "c.dcm", gradient(), patient=None)
+    blank = write_dicom(root / "e.dcm", gradient(), patient="  ")
+    labels = write_labels(tmp_path / "labels.csv", [(named, "0"), (anonymous, "1"), (blank, "1")])
+    for skip_unreadable in (False, True):  # a readable file without a PatientID is not "unreadable"
+        with pytest.raises(MissingPatientIdError) as caught:
+            load_local_site(root, labels_csv=labels, image_size=8, channels=1, num_classes=2,
+                            skip_unreadable=skip_unreadable)
+    assert sorted(caught.value.files) == ["e.dcm", "scans/c.dcm"]
+    message = str(caught.value)
+    assert "2 of 3 DICOM file(s)" in message and "no PatientID (0010,0020)" in message
+    assert "--images-without-patient-id" in message
+    data = load_local_site(root, labels_csv=labels, image_size=8, channels=1, num_classes=2,
+                           images_without_patient_id=True)
+    assert [Path(f).name for f in data.files] == ["a.dcm", "e.dcm", "c.dcm"]
+    assert data.patient_ids.tolist() == ["P1", "e.dcm", "scans/c.dcm"]
+    assert data.images_without_patient_id == 2 and data.unreadable == []
+    assert data.summary()["images-without-patient-id"] == 2
 
 
 def test_bad_arguments(tmp_path: Path):

@@ -76,7 +76,7 @@ def test_accountant_persists_across_rounds_with_real_opacus(make_config):
                                     max_grad_norm=1.0)
     reported = []
     for server_round in range(rounds):
-        model = model_for(config, data, 10)
+        model = model_for(config.site_request(num_classes=10, channels=1, image_size=28).study)
         update = train_locally(model, data, config, privacy, torch.Generator().manual_seed(server_round))
         assert update.steps == privacy.steps_per_round
         privacy = SitePrivacy.from_record(privacy.to_record())  # what Context.state carries between rounds

@@ -1,20 +1,19 @@
 """A site's round through the real ClientApp handler with a real Flower Context (no engine)."""
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 
+from client.policy_gate import admit
 from client.site import PRIVACY_STATE, load_privacy, save_privacy, site_ledger, train_site
 from common import messages
 from common.models import build_model
+from server.training import request_content
 
 
 def _content(config, server_round: int = 1) -> RecordDict:
-    return RecordDict({
-        messages.RUN_CONFIG: ConfigRecord(config.to_mapping()),
-        messages.ROUND: ConfigRecord({"round": server_round}),
-        messages.GLOBAL_MODEL: ArrayRecord(build_model("cnn", in_channels=1, num_classes=10,
-                                                       image_size=28).state_dict()),
-    })
+    request = config.site_request(num_classes=10, channels=1, image_size=28)
+    model = ArrayRecord(build_model("cnn", in_channels=1, num_classes=10, image_size=28).state_dict())
+    return request_content(request, server_round, model, simulation=config)
 
 
 def _context() -> Context:
@@ -32,7 +31,7 @@ def test_a_site_over_its_budget_refuses_and_sends_no_update(make_config):
 
     second = train_site(_content(config, 2), context)
     assert second[messages.STATUS]["state"] == messages.STATE_REFUSED
-    assert "would spend epsilon" in second[messages.STATUS]["reason"]
+    assert "PolicyRefusal: policy refuses num-server-rounds" in second[messages.STATUS]["reason"]
     assert messages.UPDATE not in second
     assert second[messages.PRIVACY_REPORT]["epsilon"] == spent  # nothing more was spent
     assert load_privacy(context).steps_total == first[messages.PRIVACY_REPORT]["steps-total"]
@@ -69,7 +68,7 @@ def test_a_restarted_site_continues_its_accountant_and_chain_from_its_ledger(mak
     second = train_site(_content(config, 2), after_crash)[messages.PRIVACY_REPORT]
     assert second["steps-total"] == first["steps-total"] + first["steps-round"]
     assert second["epsilon"] > first["epsilon"]
-    ledger = site_ledger(after_crash, config, 1)
+    ledger = site_ledger(admit(MessageType.TRAIN, _content(config, 2), after_crash))
     entries = ledger.entries()
     assert [e.round for e in entries] == [1, 2] and ledger.verify().ok
     assert entries[1].prev_hash == entries[0].hash
@@ -87,7 +86,7 @@ def test_patient_level_dp_sgd_gives_patient_level_epsilon_directly(make_config):
         for server_round in (1, 2):
             reply = train_site(_content(config, server_round), context)
             assert reply[messages.STATUS]["state"] == messages.STATE_TRAINED
-        report = audit_site(site_ledger(context, config, 1).path)
+        report = audit_site(site_ledger(admit(MessageType.TRAIN, _content(config, 2), context)).path)
         assert report.ok, report.problems
         reports[unit] = report.rows[-1]
     image, patient = reports["image"], reports["patient"]

@@ -1,15 +1,22 @@
 """DP-SGD mechanics: the patient-level step is the clipped, noised, per-patient mean it claims to be."""
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from opacus import PrivacyEngine
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from client.trainer import patient_index, train_patient_level
+from client.trainer import CalibrationMismatchError, patient_index, train_locally, train_patient_level
 from common.data.shift import ScannerShift
 from common.data.site import SiteData
 from common.models import build_model
-from common.privacy import SitePrivacy
+from common.privacy import SitePrivacy, accountant
 
 
 def _site(patients: list[int]) -> SiteData:
@@ -58,3 +65,114 @@ def test_each_patient_is_clipped_as_one_unit(make_config):
     update = train_patient_level(model, same, config, privacy, torch.Generator().manual_seed(0))
     norm = torch.sqrt(sum((d.double() ** 2).sum() for d in update.delta.values()))
     assert float(norm) == pytest.approx(1e-3, rel=1e-3)
+
+
+def _tiny_site(n: int) -> SiteData:
+    """n 2x2 images: a model of 4 inputs keeps hundreds of DP-SGD steps fast."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand((n, 1, 2, 2), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return SiteData(0, x, y, np.arange(n), x[:2], y[:2], ScannerShift(1, 0, 1, 0))
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+
+def _privacy_for(n: int, batch_size: int, local_epochs: int) -> SitePrivacy:
+    """SitePrivacy.calibrate's sampling rate and steps, with a fixed noise (calibrating each size takes seconds)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accountant, "calibrate_noise_multiplier", lambda **_: 1.1)
+        return SitePrivacy.calibrate(target_epsilon=8.0, delta=1e-5, num_examples=n, batch_size=batch_size,
+                                     local_epochs=local_epochs, planned_rounds=3, max_grad_norm=1.0)
+
+
+@st.composite
+def _site_sizes(draw: st.DrawFn) -> tuple[int, int]:
+    """Sizes n at batch size B, often with ceil(n / B) in {93, 99, 105}, where 1 / (1 / k) rounds below k."""
+    batch_size = draw(st.sampled_from([16, 64]))
+    batches = draw(st.one_of(st.sampled_from([93, 99, 105]), st.integers(1, 130)))
+    return (batches - 1) * batch_size + draw(st.integers(1, batch_size)), batch_size
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=_site_sizes(), local_epochs=st.integers(1, 2), secure_noise=st.booleans())
+@example(size=(5952, 64), local_epochs=1, secure_noise=False)  # 93 batches: Opacus's loader made 92
+def test_every_site_size_takes_and_accounts_exactly_the_calibrated_steps(make_config, size, local_epochs,
+                                                                         secure_noise):
+    n, batch_size = size
+    config = make_config(batch_size=batch_size, local_epochs=local_epochs)
+    privacy = _privacy_for(n, batch_size, local_epochs)
+    data = _tiny_site(n)
+    for server_round in (1, 2):
+        update = train_locally(_tiny_model(), data, config, privacy, torch.Generator().manual_seed(server_round),
+                               secure_noise=secure_noise)
+        assert update.steps == privacy.steps_per_round
+        assert privacy.history == [(1.1, 1.0 / math.ceil(n / batch_size), server_round * privacy.steps_per_round)]
+
+
+def test_a_step_with_everyone_sampled_is_make_privates_step(make_config):
+    """At q = 1 and negligible noise our DP-SGD step equals the one Opacus's make_private builds: per-example
+    clipping (the bound bites), summed, divided by the expected batch size."""
+    n, clip = 24, 0.05
+    data = _tiny_site(n)
+    config = make_config(batch_size=n, local_epochs=1, learning_rate=0.5, momentum=0.0)
+    privacy = SitePrivacy(1e9, 1e-5, 1e-12, 1.0, 1, clip, 1)
+    ours = _tiny_model()
+    train_locally(ours, data, config, privacy, torch.Generator().manual_seed(0))
+
+    reference = _tiny_model()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="prv")
+    module, optimizer, loader = engine.make_private(
+        module=reference, optimizer=torch.optim.SGD(reference.parameters(), lr=0.5),
+        data_loader=DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=n), noise_multiplier=1e-12,
+        max_grad_norm=clip, poisson_sampling=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for x, y in loader:
+            nn.functional.cross_entropy(module(x), y).backward()
+            optimizer.step()
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    assert privacy.history == [(1e-12, 1.0, 1)] and engine.accountant.history == [(1e-12, 1.0, 1)]
+
+
+def test_seeded_training_reproduces_and_secure_noise_ignores_the_generator(make_config):
+    config = make_config(batch_size=16, local_epochs=1)
+    data = _tiny_site(200)
+
+    def delta(generator: torch.Generator, secure_noise: bool) -> torch.Tensor:
+        update = train_locally(_tiny_model(), data, config, _privacy_for(200, 16, 1), generator,
+                               secure_noise=secure_noise)
+        return torch.cat([d.flatten() for d in update.delta.values()])
+
+    assert torch.equal(delta(torch.Generator().manual_seed(3), False), delta(torch.Generator().manual_seed(3), False))
+    generator = torch.Generator().manual_seed(3)
+    untouched = generator.get_state().clone()
+    first = delta(generator, True)
+    assert torch.equal(generator.get_state(), untouched)  # sampling and noise came from the CSPRNG
+    assert not torch.equal(first, delta(generator, True))
+
+
+def test_patient_level_with_secure_noise_accounts_its_steps_and_leaves_the_generator_alone(make_config):
+    config = make_config(batch_size=4, local_epochs=1)
+    data = _site([0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 7, 7])  # 8 patients, 1.5 images each: 3 patients per batch
+    privacy = SitePrivacy(8.0, 1e-5, 1.1, 1 / 3, 3, 1.0, 2)  # calibrate_site: ceil(8 patients / 3) steps
+    generator = torch.Generator().manual_seed(0)
+    untouched = generator.get_state().clone()
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
+    update = train_patient_level(model, data, config, privacy, generator, secure_noise=True)
+    assert update.steps == 3 and privacy.history == [(1.1, 1 / 3, 3)]
+    assert torch.equal(generator.get_state(), untouched)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_a_site_whose_data_changed_is_refused_before_any_step(make_config):
+    config = make_config(batch_size=64, local_epochs=1)
+    privacy = _privacy_for(5952, 64, 1)  # calibrated for 93 batches
+    with pytest.raises(CalibrationMismatchError, match=r"6000 units \(94 batches of 64\)"):
+        train_locally(_tiny_model(), _tiny_site(6000), config, privacy, torch.Generator().manual_seed(0))
+    assert privacy.history == []

@@ -1,0 +1,210 @@
+"""The site's gate: every request is parsed and checked against the site's policy before anything is computed.
+
+It runs as a Flower client mod, outside fault injection and secure aggregation, so no key is generated, no image
+read, no noise calibrated and no gradient computed for a request the site would not accept. A refusal is a named
+reply (status "refused" and the reason: which setting, what was asked, what the policy allows) and an entry in the
+site's ledger; the egress guard logs the reply too. Nothing else leaves.
+
+A deployed site's policy is its own file (node config `policy=...`); its state folder (`state-dir=...`) is
+required, and a request carrying the simulation section (run folder, faults) is refused: paths come from the site.
+Virtual sites of a simulation read `site-policy` from the run config (a file that may give each site its own
+table), or, without one, accept the study as configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.identity import STATE_DIR_KEY, is_simulated, site_id
+from common import messages
+from common.config import RunConfig, resolve
+from common.errors import CareFedError, ConfigError
+from common.policy import MAX_STUDY_EPSILON, PolicyRefusal, SitePolicy, load_policy
+from common.privacy.ledger import LedgerError, PrivacyLedger
+from common.study import RequestError, SecAggSection, SiteRequest, StudySection, check_name
+
+POLICY_KEY = "policy"  # node_config: the site's policy file
+
+
+class SiteSetupError(CareFedError):
+    """The SuperNode itself is not set up to take part (no state folder, no policy): fix its node config."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request the site accepts, with what it needs to act on it."""
+
+    request: SiteRequest
+    policy: SitePolicy
+    config: RunConfig  # the site's settings with the request's sections applied: what it trains with
+    site: int
+    state_dir: Path
+    server_round: int
+
+
+def admit(message_type: str, content: RecordDict, context: Context) -> Admission:
+    """Parse the request and check it against the protocol and the site's policy; raise a named error if not."""
+    site = site_id(context)
+    request = SiteRequest.parse(content)
+    config = _site_config(content, context).with_request(request)
+    policy = site_policy(context, config, site)
+    policy.check_study(request.study, request.privacy, request.secagg)
+    if message_type == MessageType.EVALUATE:
+        policy.check_evaluation()
+    elif message_type != MessageType.TRAIN:
+        raise RequestError(f"message type '{message_type}' is not part of the protocol")
+    _check_cohort(content, policy, request)
+    return Admission(request, policy, config, site, state_dir(context, config, site), request_round(content))
+
+
+def _site_config(content: RecordDict, context: Context) -> RunConfig:
+    if is_simulated(context):
+        try:
+            return RunConfig.from_mapping(dict(_record(content, messages.SIMULATION)))
+        except ConfigError as err:
+            raise RequestError(f"section 'simulation': {err}") from None
+    if messages.SIMULATION in content:
+        raise PolicyRefusal("simulation", "the run folder, faults and partitions of a simulation",
+                            "none: a deployed site keeps its own paths and data")
+    return _deployed_defaults()
+
+
+@functools.lru_cache(maxsize=1)
+def _deployed_defaults() -> RunConfig:
+    """The app's own defaults for what no request carries (threads, devices); never the coordinator's."""
+    return resolve()
+
+
+def site_policy(context: Context, config: RunConfig, site: int) -> SitePolicy:
+    if not is_simulated(context):
+        if POLICY_KEY not in context.node_config:
+            raise SiteSetupError(f"this SuperNode has no '{POLICY_KEY}' in its node config; write one with "
+                                 "`carefed site policy init` and start the SuperNode with --node-config "
+                                 f"'{POLICY_KEY}=\"/path/to/policy.toml\" ...'")
+        return load_policy(Path(str(context.node_config[POLICY_KEY])))
+    if config.site_policy:
+        return load_policy(Path(config.site_policy), site)
+    return accepting_policy(config)
+
+
+def accepting_policy(config: RunConfig) -> SitePolicy:
+    """A virtual site without a policy file accepts the study as configured (within the hard ceilings), so a
+    simulation models consenting sites; a scenario's `site-policy` file models sites with their own limits."""
+    epsilon = min(max([config.target_epsilon, *config.site_budgets]), MAX_STUDY_EPSILON)
+    return SitePolicy(
+        studies=(config.study_id,), dp_required=config.dp, min_privacy_unit=config.privacy_unit,
+        max_epsilon_per_study=epsilon, lifetime_epsilon=epsilon, max_delta=min(config.target_delta, 1e-3),
+        secagg_required=config.secagg, min_cohort=config.secagg_min_cohort, min_neighbours=1,
+        max_dropout_rate=min(config.secagg_dropout_rate, 0.49), max_cohort=max(config.num_sites, 3),
+        models=(config.model,), send_evaluation_metrics=True)
+
+
+def state_dir(context: Context, config: RunConfig, site: int) -> Path:
+    """The site's own folder (ledger, egress log): `state-dir` when deployed (required), else the run folder's."""
+    if STATE_DIR_KEY in context.node_config:
+        return Path(str(context.node_config[STATE_DIR_KEY])).expanduser()
+    if not is_simulated(context):
+        raise SiteSetupError(f"this SuperNode has no '{STATE_DIR_KEY}' in its node config; a deployed site keeps "
+                             f"its ledger in its own folder: --node-config '{STATE_DIR_KEY}=\"/srv/carefed\" ...'")
+    return Path(config.output_dir).expanduser().resolve() / config.run_name / "sites" / f"site-{site:04d}"
+
+
+def simulated_site_folder(context: Context, content: RecordDict) -> Path | None:
+    """A virtual site's folder in the run folder (None when the request does not say which run)."""
+    try:
+        config = _site_config(content, context)
+        study = content.get(StudySection.record_name)
+        run_name = _safe_name(study, "run-name") if isinstance(study, ConfigRecord) else ""
+        return state_dir(context, config.replace(run_name=run_name) if run_name else config, site_id(context))
+    except (CareFedError, ValueError):
+        return None
+
+
+def request_round(content: RecordDict) -> int:
+    record = content.get(messages.SECAGG) or content.get(messages.ROUND)
+    value = record.get("round") if record is not None else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RequestError("the request has no valid round number")
+    return value
+
+
+def _check_cohort(content: RecordDict, policy: SitePolicy, request: SiteRequest) -> None:
+    """A secure-aggregation stage must run the protocol the (checked) section describes; once it names the
+    cohort, the cohort's size and this site's number of neighbours must be allowed."""
+    record = content.get(messages.SECAGG)
+    if record is None:
+        return
+    if not isinstance(record, ConfigRecord):
+        raise RequestError("secure aggregation: the stage record is malformed")
+    proposed = request.secagg
+    for key, expected in (("protocol-dropout_rate", proposed.dropout_rate), ("protocol-colluding",
+                          proposed.colluding), ("protocol-min_cohort", proposed.min_cohort),
+                          ("protocol-graph_degree", proposed.graph_degree), ("max-weight", proposed.max_weight)):
+        if key in record and record[key] != expected:
+            raise RequestError(f"secure aggregation: '{key}' differs from the request's "
+                               f"'{SecAggSection.record_name}' section")
+    if "ids" in record:
+        cohort = len(record["ids"]) if isinstance(record["ids"], list) else -1
+    elif "cohort-size" in record:
+        cohort = record["cohort-size"] if isinstance(record["cohort-size"], int) else -1
+    else:
+        return
+    if cohort < 0:
+        raise RequestError("secure aggregation: the cohort is malformed")
+    policy.check_cohort(cohort, request.secagg.graph_degree)
+
+
+def _record(content: RecordDict, name: str) -> ConfigRecord:
+    record = content.get(name)
+    if not isinstance(record, ConfigRecord):
+        raise RequestError(f"the request has no '{name}' section")
+    return record
+
+
+# -- the mod and refusals ------------------------------------------------------------------------------------
+def policy_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: refuse, by name, what the site's policy or the protocol does not allow."""
+    try:
+        admit(msg.metadata.message_type, msg.content, context)
+    except (PolicyRefusal, RequestError, SiteSetupError, ConfigError) as err:
+        return Message(refuse(msg.content, context, err), reply_to=msg)
+    return call_next(msg, context)
+
+
+def refuse(content: RecordDict, context: Context, err: CareFedError, dataset: str = "") -> RecordDict:
+    """The refusal reply, after the refusal is committed to the site's ledger (where the site has one)."""
+    reason = f"{type(err).__name__}: {err}"[:400]
+    _record_refusal(content, context, reason, dataset)
+    return RecordDict({messages.STATUS: ConfigRecord({"state": messages.STATE_REFUSED, "reason": reason})})
+
+
+def _record_refusal(content: RecordDict, context: Context, reason: str, dataset: str) -> None:
+    study = content.get(StudySection.record_name)
+    valid = isinstance(study, ConfigRecord)
+    run_id, study_id = (_safe_name(study, "run-name"), _safe_name(study, "study-id")) if valid else ("", "")
+    try:
+        site = site_id(context)
+        folder = state_dir(context, _deployed_defaults(), site) if not is_simulated(context) \
+            else simulated_site_folder(context, content)
+        server_round = request_round(content)
+    except (CareFedError, ValueError):
+        folder = None
+    if folder is None:
+        return  # no folder to record in (a misconfigured SuperNode, or a request without a run): the reply says it
+    # the reply still refuses where the folder is unwritable (and such a site trains nothing either)
+    with contextlib.suppress(LedgerError, OSError):
+        PrivacyLedger(folder / "ledger.sqlite").refusal(run_id=run_id, study=study_id, round=server_round,
+                                                        site=site, reason=reason, dataset=dataset)
+
+
+def _safe_name(record: ConfigRecord, key: str) -> str:
+    try:
+        return check_name(key, record.get(key, ""))
+    except RequestError:
+        return ""
