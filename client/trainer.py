@@ -72,10 +72,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     global_weights = _weights(model)
     uniforms, secure = _randomness(generator, secure_noise)
     steps = _batches_per_epoch(data.num_train, config.batch_size, privacy)
-    if privacy.steps_per_round != config.local_epochs * steps:
-        raise CalibrationMismatchError(f"the site's noise was calibrated for {privacy.steps_per_round} steps per "
-                                       f"round, not {config.local_epochs} epochs of {steps}: local-epochs changed "
-                                       "during the run; keep the run's config or start a new run")
+    _check_epochs(config.local_epochs, steps, privacy)
     sampler = PoissonSampler(data.num_train, privacy.sample_rate, steps, uniforms)
     accountant = privacy.accountant()
     losses = []
@@ -170,6 +167,14 @@ def _batches_per_epoch(num_units: int, units_per_batch: int, privacy: SitePrivac
             f"was calibrated for sample rate {privacy.sample_rate} (1/{round(1 / privacy.sample_rate)}): its data "
             "changed during the run; restore the data it started with, or start a new run to recalibrate")
     return batches
+
+
+def _check_epochs(local_epochs: int, steps_per_epoch: int, privacy: SitePrivacy) -> None:
+    """The round takes exactly the steps the accountant was calibrated for, or none at all."""
+    if privacy.steps_per_round != local_epochs * steps_per_epoch:
+        raise CalibrationMismatchError(f"the site's noise was calibrated for {privacy.steps_per_round} steps per "
+                                       f"round, not {local_epochs} epochs of {steps_per_epoch}: local-epochs "
+                                       "changed during the run; keep the run's config or start a new run")
 
 
 def _randomness(generator: torch.Generator, secure_noise: bool) -> tuple[Uniforms, SecureNoise | None]:

@@ -289,6 +289,9 @@ def load_scenario(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("scenario", str(path), "has no [config] table",
                           "Put run-config keys (as in pyproject.toml) under [config].")
+    policy = config.get("site-policy")
+    if isinstance(policy, str) and policy and not Path(policy).expanduser().is_absolute():
+        config["site-policy"] = str((path.parent / policy).resolve())  # relative to the scenario file
     return config
 
 

@@ -35,6 +35,7 @@ class SecAggOutcome:
     total: DeltaSum = field(default_factory=DeltaSum)
     aborted: str = ""
     dropped: dict[str, list[int]] = field(default_factory=dict)
+    refused: list[int] = field(default_factory=list)  # nodes whose site refused a key stage (named in its reply)
 
 
 def protocol_config(config: RunConfig, server_round: int, num_parameters: int) -> ProtocolConfig:
@@ -60,7 +61,7 @@ class SecAggRound:
         self.session = ServerSession(self.protocol, self.model_hash)
 
     def run(self, cohort: list[int]) -> SecAggOutcome:
-        outcome = SecAggOutcome()
+        outcome = self.outcome = SecAggOutcome()
         try:
             self._stages(cohort, outcome)
         except SecAggAbort as err:
@@ -102,7 +103,7 @@ class SecAggRound:
             })
             return content
 
-        replies = self._exchange(list(requests), masked_content)
+        replies = self._exchange(list(requests), masked_content, training=True)
         for node, content in replies.items():
             self.on_train_reply(node, content)
         unmask_request = self.session.receive_masked_inputs(self._masked_vectors(replies))
@@ -127,8 +128,10 @@ class SecAggRound:
         log(INFO, "Round %d: secure aggregation of %d sites (%d dropped after advertising keys)", self.round,
             len(unmask_request.alive), len(u1) - len(unmask_request.alive))
 
-    def _exchange(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict]) -> dict[int, RecordDict]:
-        """Send one stage to `nodes` (with the request's sections); keep replies that are not errors or refusals."""
+    def _exchange(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *,
+                  training: bool = False) -> dict[int, RecordDict]:
+        """Send one stage to `nodes` (with the request's sections); keep replies that are not errors or refusals.
+        At the training stage refusals are kept: the caller records them with the site's privacy report."""
         out = []
         sections = [name for name in REQUEST_SECTIONS if name in self.train_content]
         for node in nodes:
@@ -144,8 +147,11 @@ class SecAggRound:
                 log(WARNING, "Round %d: node %d failed: %s", self.round, node, reply.error.reason)
                 continue
             status = reply.content.get(messages.STATUS)
-            if status is not None and status["state"] in (messages.STATE_ABORTED, messages.STATE_REFUSED):
+            refused = status is not None and status["state"] == messages.STATE_REFUSED
+            if status is not None and status["state"] == messages.STATE_ABORTED or (refused and not training):
                 log(WARNING, "Round %d: node %d refused: %s", self.round, node, status["reason"])
+                if refused:
+                    self.outcome.refused.append(node)
                 continue
             replies[node] = reply.content
         return replies

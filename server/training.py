@@ -34,7 +34,7 @@ NODE_WAIT_SECONDS = 120.0
 class RoundOutcome:
     total: DeltaSum = field(default_factory=DeltaSum)
     trained: list[int] = field(default_factory=list)
-    refused: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)  # node ids that refused (budget or policy)
     failed: list[int] = field(default_factory=list)
     secagg_aborted: str = ""
     secagg_dropped: dict[str, list[int]] = field(default_factory=dict)
@@ -146,6 +146,9 @@ class FederatedTraining:
                                  lambda node, content: self._note_train_reply(server_round, node, content, outcome))
             result = secure.run(cohort)
             outcome.secagg_aborted, outcome.secagg_dropped = result.aborted, result.dropped
+            for node in result.refused:  # a site's policy refused a key stage: it will refuse this run again
+                self.exhausted.add(node)
+                outcome.refused.append(node)
             if not result.aborted:
                 outcome.total = result.total
             return outcome
@@ -177,7 +180,7 @@ class FederatedTraining:
         if status["state"] == messages.STATE_REFUSED:
             log(INFO, "Round %d: %s", server_round, status["reason"])
             self.exhausted.add(node)
-            outcome.refused.append(site)
+            outcome.refused.append(node)
             return False
         outcome.trained.append(site)
         return True
@@ -222,7 +225,7 @@ class FederatedTraining:
             "max-epsilon": max(latest_epsilon) if latest_epsilon else 0.0,
             "sites-sampled": self._sites(cohort),
             "sites-trained": sorted(outcome.trained),
-            "sites-refused": sorted(outcome.refused),
+            "sites-refused": self._sites(outcome.refused),
             "sites-failed": self._sites(outcome.failed),
             "updates-aggregated": outcome.total.contributors,
             "updates-clipped": outcome.total.clipped,

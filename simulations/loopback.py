@@ -34,6 +34,7 @@ import psutil
 from common.config import PROJECT_ROOT, resolve
 from common.deploy.certs import StudyPaths, make_study
 from common.deploy.demo_data import write_site_folders
+from common.policy import SitePolicy, policy_text
 
 CONNECTION = "carefed-study"
 CAPTURE_WRAPPER = PROJECT_ROOT / "tests" / "capture_supernode.py"
@@ -87,11 +88,23 @@ class LoopbackDeployment:
         make_study(self.study.root, sites=self.sites, hosts=["localhost", "127.0.0.1"])
         if data:
             write_site_folders(resolve(), self.work / "data", self.sites)
+        self.write_policies()
         home = self.work / "homes" / "coordinator"
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.study.root / "superlink" / "ca.crt"}"\n')
+
+    def policy_path(self, site: str) -> Path:
+        return self.work / "policies" / f"{site}.toml"
+
+    def write_policies(self, studies: tuple[str, ...] = ("carefed-demo",), **limits: object) -> None:
+        """Each hospital's own policy file, as `carefed site policy init` writes it (existing files are kept)."""
+        for site in self.sites:
+            path = self.policy_path(site)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(policy_text(SitePolicy(studies=studies, **limits), path))
 
     def superlink_command(self) -> list[str]:
         """The coordinator's SuperLink: TLS on its HTTP API, SuperNode authentication, no runtime pip installs."""
@@ -117,7 +130,8 @@ class LoopbackDeployment:
         """A hospital's SuperNode: the study CA, its own node key, its images and state folder in node config."""
         folder = self.study.site(site)
         state = self.work / "state" / (name or site)
-        node_config = f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}"'
+        node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}" '
+                       f'policy="{self.policy_path(site)}"')
         command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                    "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
         if insecure:

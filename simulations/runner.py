@@ -24,6 +24,11 @@ def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
     """Fail fast, before any folder is created, on data or partitions that cannot work."""
     config = resolve_partitioning(config)
     check_partitions(config, load_source_for(config))
+    if config.site_policy:  # the virtual sites' policy file (and each site's table) must parse before any run
+        from common.policy import load_policy
+
+        for site in range(min(config.num_sites, VALIDATED_SITES)):
+            load_policy(Path(config.site_policy), site)
     if check_sites:
         for site in range(min(config.num_sites, VALIDATED_SITES)):
             load_site_data(config, site)  # checks the site can keep a local test split

@@ -105,3 +105,24 @@ def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):
     assert summary["status"] == "complete" and summary["dp"] is False and summary["secure_aggregation"] is True
     assert summary["max_epsilon"] == 0.0
     assert Path(summary["run_dir"]) == tmp_path / "cli"
+
+
+def test_virtual_sites_apply_their_own_policies_from_the_scenario(tmp_path: Path):
+    """simulations/scenarios/site-policies.toml: site 3 allows epsilon 3 and refuses a study at 8 by name; site 7
+    trains but never sends its evaluation metrics. The rest of the federation trains on."""
+    from common.config import PROJECT_ROOT, resolve
+    from common.privacy.ledger import KIND_REFUSAL, PrivacyLedger
+
+    scenario = PROJECT_ROOT / "simulations" / "scenarios" / "site-policies.toml"
+    config = resolve(scenario, {"num-server-rounds": 1, "output-dir": str(tmp_path), "run-name": "policies"})
+    run_dir = run_simulation(config)
+    assert _read(run_dir, "status.json")["state"] == "complete"
+    first = _read(run_dir, "metrics.json")["rounds"][1]
+    assert first["updates-aggregated"] == 9 and 3 not in first["sites-trained"] and 7 in first["sites-trained"]
+    assert len(first["sites-refused"]) == 1
+    assert set(first["site-accuracy"]) == {str(s) for s in range(10)} - {"3", "7"}
+    refusing = PrivacyLedger(run_dir / "sites" / "site-0003" / "ledger.sqlite", create=False)
+    assert not refusing.spends()
+    assert all("policy refuses target-epsilon" in e.reason for e in refusing.entries() if e.kind == KIND_REFUSAL)
+    silent = PrivacyLedger(run_dir / "sites" / "site-0007" / "ledger.sqlite", create=False)
+    assert silent.spends() and any("policy refuses evaluate" in e.reason for e in silent.entries())

@@ -81,6 +81,8 @@ def test_the_containers_run_the_loopback_tests_commands_and_flower_accepts_every
         assert supernode <= _parser_flags(_parse_args_run_supernode())
         config = next(a for a in services[site]["command"] if a.startswith("--node-config="))
         assert f"site-id={site[-1]} " in config and 'data="/app/site/data"' in config
+        assert 'policy="/app/site/policy.toml"' in config and 'state-dir="/app/site/state"' in config
+        assert any(v.endswith(":/app/site/policy.toml:ro") for v in services[site]["volumes"])
 
 
 def test_the_coordinators_cli_config_names_the_study_connection():

@@ -176,3 +176,11 @@ def test_a_site_whose_data_changed_is_refused_before_any_step(make_config):
     with pytest.raises(CalibrationMismatchError, match=r"6000 units \(94 batches of 64\)"):
         train_locally(_tiny_model(), _tiny_site(6000), config, privacy, torch.Generator().manual_seed(0))
     assert privacy.history == []
+
+
+def test_a_round_with_other_local_epochs_than_calibrated_is_refused(make_config):
+    privacy = _privacy_for(640, 64, 2)
+    with pytest.raises(CalibrationMismatchError, match="calibrated for 20 steps per round, not 3 epochs of 10"):
+        train_locally(_tiny_model(), _tiny_site(640), make_config(batch_size=64, local_epochs=3), privacy,
+                      torch.Generator().manual_seed(0))
+    assert privacy.history == []
