@@ -114,8 +114,12 @@ def _claim(config: dict[str, Any]) -> str:
     return (f'<p class="claim">Each site\'s released updates over the whole run are ({config["target-epsilon"]}, '
             f'{config["target-delta"]})-differentially private with respect to one {unit} of that site '
             "(add/remove adjacency), by Opacus's PRV accountant composed over every DP-SGD step, checked with "
-            "dp-accounting's PLD accountant. This holds whatever the server does; secure aggregation additionally "
-            "hides individual updates from an honest-but-curious server.</p>")
+            "dp-accounting's PLD accountant, at most each site's own policy allows (per study and over the "
+            "dataset's lifetime). It holds whatever the coordinator sends: every parameter is checked against the "
+            "site's policy before use. <b>Treated as public</b>: each site's size (its sampling rate and noise are "
+            "calibrated from it), the sampling rate, noise multiplier, clip norm and steps, the largest number of "
+            "images per patient, and, where a site's policy allows, its local test size, loss and accuracy. Secure "
+            "aggregation additionally hides individual updates from the coordinator.</p>")
 
 
 def _verdict(audit: AuditReport) -> str:

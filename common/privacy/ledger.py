@@ -29,6 +29,11 @@ from typing import Any
 GENESIS = "0" * 64
 SCHEMA_VERSION = 2
 KIND_ROUND, KIND_REFUSAL = "round", "refusal"
+# What every epsilon in this ledger treats as public (stored in the file, beside the entries it qualifies).
+PUBLIC = ("The (epsilon, delta) guarantees are conditional on the site's size (training images, or patients) "
+          "being public: the sampling rate and noise are calibrated from it. Also released without DP: sampling "
+          "rate, noise multiplier, clip norm, steps, max images per patient, and local test size, loss and "
+          "accuracy where the site's policy allows evaluation.")
 
 _COLUMNS = """
     seq INTEGER PRIMARY KEY,
@@ -147,6 +152,7 @@ class PrivacyLedger:
     def _migrate(db: sqlite3.Connection) -> tuple[str] | None:
         """Stamp a new file with the schema; bring a schema-1 file (or a new table) to 2 by adding columns."""
         db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('public', ?)", (PUBLIC,))
         version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if version is not None and version[0] == "1":
             db.execute("BEGIN IMMEDIATE")

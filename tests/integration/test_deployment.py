@@ -23,9 +23,11 @@ from common.config import resolve
 from common.data.site import global_model
 from common.deploy.certs import make_study
 from common.models import count_parameters
-from common.privacy.ledger import PrivacyLedger
+from common.privacy import pld_epsilon
+from common.privacy.ledger import KIND_REFUSAL, PrivacyLedger
 from simulations.loopback import LoopbackDeployment
 from tests.capture_supernode import read_capture
+from tests.conftest import carefed
 
 pytestmark = pytest.mark.slow
 SITES = ["site-0", "site-1", "site-2"]
@@ -41,6 +43,7 @@ def deployed(tmp_path_factory):
     work = tmp_path_factory.mktemp("loopback")
     deployment = LoopbackDeployment(work, SITES, capture=True)
     try:
+        deployment.write_policies(studies=("carefed-demo", "carefed-demo-2"))  # each hospital's own file
         deployment.start_federation()
         run_id, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": ROUNDS,
                                          "output-dir": str(work / "runs"), "run-name": "deployed"})
@@ -122,6 +125,52 @@ def test_an_unknown_key_and_a_plaintext_client_are_refused(deployed, tmp_path: P
     assert "could not establish a connection to the SuperLink" in deployment.log("supernode-plaintext")
     assert deployment.online_nodes() == len(SITES)
     assert not (deployment.work / "state" / "rogue").exists()
+
+
+def _site_audit(deployment: LoopbackDeployment, site: str) -> tuple[int, dict]:
+    done = carefed("audit", str(deployment.work / "state" / site), "--site", "--json", cwd=deployment.work)
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+
+
+def test_a_coordinator_asking_beyond_a_sites_policy_is_refused_and_it_is_on_record(deployed):
+    deployment, _ = deployed
+    _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 1, "target-epsilon": 12.0,
+                                "output-dir": str(deployment.work / "runs"), "run-name": "greedy"})
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    rounds = json.loads((deployment.work / "runs" / "greedy" / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["updates-aggregated"] == 0 and len(rounds[1]["sites-refused"]) == len(SITES)
+    for site in SITES:
+        state = deployment.work / "state" / site
+        ledger = PrivacyLedger(state / "ledger.sqlite", create=False)
+        assert [e.run_id for e in ledger.spends()] == ["deployed"] * ROUNDS  # nothing spent for the greedy run
+        refusal = [e for e in ledger.entries() if e.kind == KIND_REFUSAL and e.run_id == "greedy"]
+        assert refusal and "policy refuses target-epsilon: asked 12.0" in refusal[0].reason
+        egress = [json.loads(line) for line in (state / "egress.jsonl").read_text().splitlines()]
+        assert any(line["status"] and "policy refuses target-epsilon" in line["status"]["reason"] for line in egress)
+        code, report = _site_audit(deployment, site)
+        assert code == 0 and any(r["run_id"] == "greedy" for r in report["refusals"])
+
+
+def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(deployed):
+    deployment, _ = deployed
+    _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 1, "target-epsilon": 3.0,
+                                "study-id": "carefed-demo-2", "output-dir": str(deployment.work / "runs"),
+                                "run-name": "second-study"})
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    for site in SITES:
+        ledger = PrivacyLedger(deployment.work / "state" / site / "ledger.sqlite", create=False)
+        spends = ledger.spends()
+        assert [e.study for e in spends] == ["carefed-demo"] * ROUNDS + ["carefed-demo-2"]
+        history = tuple(h for e in (spends[ROUNDS - 1], spends[-1]) for h in e.history)  # both runs, composed
+        independent = pld_epsilon(list(history), spends[-1].lifetime_delta)
+        assert spends[-1].lifetime_epsilon == pytest.approx(independent, rel=0.01)
+        first, second = spends[ROUNDS - 1].epsilon, spends[-1].epsilon
+        assert first < spends[-1].lifetime_epsilon < first + second  # composed by one accountant, not summed
+        code, report = _site_audit(deployment, site)
+        assert code == 0, report.get("problems")
+        [lifetime] = report["lifetime"]
+        assert set(lifetime["studies"]) == {"carefed-demo", "carefed-demo-2"}
+        assert lifetime["lifetime_epsilon_recomputed"] == pytest.approx(independent, rel=1e-6)
 
 
 def test_every_process_is_shut_down(deployed):

@@ -16,7 +16,7 @@ import yaml
 from common.config import PROJECT_ROOT
 
 DOCKER = PROJECT_ROOT / "docker"
-GENERATED = {"study", "data"}  # made by `carefed certs --out docker/study` and `carefed site demo-data`
+GENERATED = {"study", "data", "policies"}  # made by `carefed certs`, `carefed site demo-data`, `carefed site policy init`
 
 
 def _compose() -> dict:

@@ -91,3 +91,14 @@ def test_a_file_that_is_not_a_ledger_is_a_clear_error(tmp_path: Path):
         PrivacyLedger(bogus)
     with pytest.raises(LedgerError, match="no ledger at"):
         PrivacyLedger(tmp_path / "missing.sqlite", create=False)
+
+
+def test_the_ledger_states_what_its_epsilons_treat_as_public(tmp_path):
+    import sqlite3
+
+    from common.privacy.ledger import PUBLIC, PrivacyLedger
+
+    PrivacyLedger(tmp_path / "l.sqlite")
+    with sqlite3.connect(tmp_path / "l.sqlite") as db:
+        [(stored,)] = db.execute("SELECT value FROM meta WHERE key = 'public'").fetchall()
+    assert stored == PUBLIC and "size" in stored and "public" in stored
