@@ -44,6 +44,24 @@ class DeltaSum:
         return self.weighted_delta / self.weight
 
 
+def check_aggregate(total: DeltaSum, max_weight: int, update_bound: float, rounding: float = 0.0) -> None:
+    """Abort unless an unmasked sum is one its contributors could have sent: 0 < total weight <= contributors x
+    max weight, clipped updates <= contributors, and |sum n_k delta_k| <= total weight x the update bound (each
+    delta is clipped to the bound) plus the fixed-point rounding (`rounding`: the L2 bound on the sum's rounding
+    error). A site that adds 2^31 to a coordinate, or a shifted self-mask share, lands far outside these."""
+    from common.secagg.errors import AbortReason, SecAggAbort
+
+    n = total.contributors
+    if not 0 < total.weight <= n * max_weight:
+        raise SecAggAbort(AbortReason.IMPOSSIBLE_AGGREGATE, "the total weight is not possible for the contributors")
+    if not 0 <= total.clipped <= n:
+        raise SecAggAbort(AbortReason.IMPOSSIBLE_AGGREGATE, "the clip count is not possible for the contributors")
+    norm = float(np.linalg.norm(total.weighted_delta)) if total.weighted_delta is not None else 0.0
+    if not np.isfinite(norm) or norm > total.weight * update_bound * (1 + 1e-9) + rounding:
+        raise SecAggAbort(AbortReason.IMPOSSIBLE_AGGREGATE, "the sum's norm exceeds what the contributors' "
+                                                            "clipped updates allow")
+
+
 def apply_mean_delta(weights: Mapping[str, np.ndarray], mean_delta: np.ndarray) -> Weights:
     """weights + mean delta, key by key, keeping each array's dtype."""
     flat = flatten(weights) + mean_delta

@@ -7,9 +7,11 @@ The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -18,13 +20,17 @@ from flwr.serverapp import Grid
 
 from common import messages
 from common.config import RunConfig
+from common.replies import ReplyRefused, check_reply, status_of
 from common.secagg.client import Advertisement, UnmaskResponse
 from common.secagg.encoding import FixedPoint
-from common.secagg.errors import SecAggAbort
+from common.secagg.errors import AbortReason, SecAggAbort
 from common.secagg.protocol import ProtocolConfig, model_digest
-from common.secagg.server import ServerSession
-from common.wire import array_view, ids_from_wire, ids_to_wire, protocol_config_to_record
-from server.aggregation import DeltaSum
+from common.secagg.server import MaskedInputRequest, ServerSession, UnmaskRequest
+from common.secagg.stages import AdvertiseRequest, MalformedMessage, ShareKeysRequest, Stage, parse_reply
+from common.secagg.stages import MaskedInputRequest as MaskedInput
+from common.secagg.stages import UnmaskRequest as Unmask
+from common.wire import array_view
+from server.aggregation import DeltaSum, check_aggregate
 
 ReplyHandler = Callable[[int, RecordDict], None]
 REQUEST_SECTIONS = (messages.STUDY, messages.PRIVACY, messages.SECURE_AGGREGATION, messages.SIMULATION)
@@ -59,98 +65,133 @@ class SecAggRound:
         self.model_hash = model_digest([arr.data for arr in model.values()])
         self.protocol = protocol_config(config, server_round, num_parameters)
         self.session = ServerSession(self.protocol, self.model_hash)
+        self.cohort_size = 0  # sites that advertised valid keys (U1): the fixed-point scale's cohort
+        self.outcome = SecAggOutcome()
 
     def run(self, cohort: list[int]) -> SecAggOutcome:
         outcome = self.outcome = SecAggOutcome()
         try:
-            self._stages(cohort, outcome)
+            advertisements = self.advertise_keys(cohort)
+            requests = self.share_keys(advertisements)
+            unmask_request = self.masked_input(requests)
+            outcome.total = self.unmask(unmask_request)
         except SecAggAbort as err:
             outcome.aborted = f"{err.reason.name}: {err}"
+            outcome.total = DeltaSum()
             log(WARNING, "Round %d: %s; the global model is unchanged.", self.round, err)
         outcome.dropped = self.session.dropped_along_the_way
         return outcome
 
-    def _stages(self, cohort: list[int], outcome: SecAggOutcome) -> None:
-        common = {"round": self.round, "model-hash": self.model_hash}
-        # 1. advertise keys
-        replies = self._exchange(cohort, lambda _: RecordDict({messages.SECAGG: ConfigRecord({
-            "stage": messages.STAGE_ADVERTISE, **common, **protocol_config_to_record(self.protocol)})}))
-        ads = {u: Advertisement(u, bytes(r["c-pk"]), bytes(r["s-pk"]), bytes(r["signature"]))
-               for u, r in self._secagg_records(replies).items()}
-        relay = self.session.receive_advertisements(ads)
+    # -- one method per stage, mirroring ServerSession ------------------------------------------------------
+    def advertise_keys(self, cohort: list[int]) -> list[Advertisement]:
+        request = AdvertiseRequest(self.round, self.model_hash, self.protocol)
+        replies = self._key_stage(Stage.ADVERTISE, cohort, lambda _: request.record(), len(cohort))
+        ads = {u: Advertisement(u, r.c_pk, r.s_pk, r.signature) for u, r in replies.items()}
+        self._note_silent("advertise", cohort, ads)  # the session notes the ones it finds invalid
+        return self.session.receive_advertisements(ads)
+
+    def share_keys(self, relay: list[Advertisement]) -> dict[int, MaskedInputRequest]:
         u1 = [ad.node_id for ad in relay]
-        # 2. share keys
-        key_record = ConfigRecord({
-            "stage": messages.STAGE_SHARE_KEYS, **common, "ids": ids_to_wire(u1),
-            "c-pks": [ad.c_pk for ad in relay], "s-pks": [ad.s_pk for ad in relay],
-            "signatures": [ad.signature for ad in relay],
-        })
-        replies = self._exchange(u1, lambda _: RecordDict({messages.SECAGG: key_record}))
-        shares = {u: dict(zip(ids_from_wire(r["receivers"]), (bytes(c) for c in r["ciphertexts"]), strict=True))
-                  for u, r in self._secagg_records(replies).items() if bytes(r["session"]) == self.session.session}
-        requests = self.session.receive_shares(shares)
-        # 3. masked input: train, then mask
-        codec = FixedPoint.for_cohort(self.config.secagg_max_weight * self.config.update_clip_norm, len(u1))
+        request = ShareKeysRequest(self.round, self.model_hash, {ad.node_id: ad.c_pk for ad in relay},
+                                   {ad.node_id: ad.s_pk for ad in relay}, {ad.node_id: ad.signature for ad in relay})
+        replies = self._key_stage(Stage.SHARE_KEYS, u1, lambda _: request.record(), len(u1))
+        shares = {u: r.ciphertexts for u, r in replies.items() if r.session == self.session.session}
+        self.cohort_size = len(u1)
+        return self.session.receive_shares(shares)
 
-        def masked_content(node: int) -> RecordDict:
-            request = requests[node]
-            content = RecordDict(dict(self.train_content.items()))
-            content[messages.SECAGG] = ConfigRecord({
-                "stage": messages.STAGE_MASKED_INPUT, **common, "session": self.session.session,
-                "senders": ids_to_wire(request.ciphertexts), "ciphertexts": list(request.ciphertexts.values()),
-                "alive": ids_to_wire(request.alive), "update-bound": self.config.update_clip_norm,
-                "max-weight": float(self.config.secagg_max_weight), "cohort-size": len(u1),
-            })
-            return content
+    def masked_input(self, requests: dict[int, MaskedInputRequest]) -> UnmaskRequest:
+        def content(node: int) -> RecordDict:
+            routed = requests[node]
+            message = RecordDict(dict(self.train_content.items()))
+            message[messages.SECAGG] = ConfigRecord(MaskedInput(
+                self.round, self.model_hash, self.session.session, routed.ciphertexts, routed.alive,
+                self.config.update_clip_norm, float(self.config.secagg_max_weight), self.cohort_size).record())
+            return message
 
-        replies = self._exchange(list(requests), masked_content, training=True)
-        for node, content in replies.items():
-            self.on_train_reply(node, content)
-        unmask_request = self.session.receive_masked_inputs(self._masked_vectors(replies))
-        # 4. unmask
-        unmask_record = ConfigRecord({
-            "stage": messages.STAGE_UNMASK, **common, "session": self.session.session,
-            "alive": ids_to_wire(unmask_request.alive), "dropped": ids_to_wire(unmask_request.dropped),
-        })
-        replies = self._exchange(unmask_request.alive, lambda _: RecordDict({messages.SECAGG: unmask_record}))
-        responses = {
-            u: UnmaskResponse(
-                dict(zip(ids_from_wire(r["b-owners"]), (bytes(s) for s in r["b-shares"]), strict=True)),
-                dict(zip(ids_from_wire(r["s-owners"]), (bytes(s) for s in r["s-shares"]), strict=True)))
-            for u, r in self._secagg_records(replies).items()
-        }
-        total = self.session.receive_unmasking(responses)
-        p = self.num_parameters
-        outcome.total.weighted_delta = codec.decode_sum(total[:p])
-        outcome.total.weight = int(total[p])
-        outcome.total.clipped = int(total[p + 1])
-        outcome.total.contributors = len(unmask_request.alive)
+        replies = self._exchange(list(requests), content, training=True)
+        for node, reply in replies.items():
+            self.on_train_reply(node, reply)
+        return self.session.receive_masked_inputs(self._masked_vectors(replies))
+
+    def unmask(self, request: UnmaskRequest) -> DeltaSum:
+        record = Unmask(self.round, self.model_hash, self.session.session, request.alive, request.dropped).record()
+        replies = self._key_stage(Stage.UNMASK, request.alive, lambda _: record, self.cohort_size)
+        total = self.session.receive_unmasking(
+            {u: UnmaskResponse(r.b_shares, r.s_shares) for u, r in replies.items()})
+        result = self._decode(total, len(request.alive))
         log(INFO, "Round %d: secure aggregation of %d sites (%d dropped after advertising keys)", self.round,
-            len(unmask_request.alive), len(u1) - len(unmask_request.alive))
+            len(request.alive), self.cohort_size - len(request.alive))
+        return result
+
+    def _decode(self, total: np.ndarray, contributors: int) -> DeltaSum:
+        """The unmasked sum, checked: weight, clip count and norm must be possible for these contributors."""
+        p = self.num_parameters
+        codec = FixedPoint.for_cohort(self.config.secagg_max_weight * self.config.update_clip_norm,
+                                      self.cohort_size)
+        result = DeltaSum(weighted_delta=codec.decode_sum(total[:p]), weight=int(total[p]),
+                          clipped=int(total[p + 1]), contributors=contributors)
+        rounding = math.sqrt(p) * contributors * codec.resolution
+        check_aggregate(result, self.config.secagg_max_weight, self.config.update_clip_norm, rounding)
+        return result
+
+    def _note_silent(self, stage: str, asked: Iterable[int], answered: Mapping[int, object]) -> None:
+        silent = sorted(set(asked) - set(answered))
+        if silent:
+            self.session.dropped_along_the_way[f"{stage}-no-reply"] = silent
+
+    def _key_stage(self, stage: Stage, nodes: list[int], record_for: Callable[[int], dict[str, Any]],
+                   max_items: int) -> dict[int, Any]:
+        """Send a key stage; parse each reply by its schema. A reply that does not parse is that site dropping
+        at this stage (named in the log and in metrics), never an exception out of the round."""
+        replies = self._exchange(nodes, lambda node: RecordDict({messages.SECAGG: ConfigRecord(record_for(node))}))
+        parsed, malformed = {}, []
+        for node, content in replies.items():
+            try:
+                record = content.get(messages.SECAGG)
+                if set(content.keys()) != {messages.SECAGG} or not isinstance(record, ConfigRecord):
+                    raise MalformedMessage(AbortReason.BAD_RESPONSE, f"{stage} reply: wrong records")
+                parsed[node] = parse_reply(stage, record, max_items)
+            except MalformedMessage as err:
+                log(WARNING, "Round %d: node %d sent a malformed reply: %s", self.round, node, err)
+                malformed.append(node)
+        if malformed:
+            self.session.dropped_along_the_way[f"{stage}-malformed"] = sorted(malformed)
+        return parsed
 
     def _exchange(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *,
                   training: bool = False) -> dict[int, RecordDict]:
-        """Send one stage to `nodes` (with the request's sections); keep replies that are not errors or refusals.
-        At the training stage refusals are kept: the caller records them with the site's privacy report."""
-        out = []
+        """Send one stage to `nodes` (with the request's sections); keep the replies that are not errors, refusals
+        or malformed (each of those is that site dropping here). At the training stage a refusal is kept: the
+        caller records it with the site's privacy report. Replies from nodes not asked, or twice, are ignored."""
         sections = [name for name in REQUEST_SECTIONS if name in self.train_content]
+        requests: dict[int, RecordDict] = {}
         for node in nodes:
-            content = content_for(node)
+            requests[node] = content = content_for(node)
             for name in sections:
                 content[name] = self.train_content[name]
-            out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
-                               group_id=str(self.round)))
+        out = [Message(content=c, dst_node_id=u, message_type=MessageType.TRAIN, group_id=str(self.round))
+               for u, c in requests.items()]
         replies: dict[int, RecordDict] = {}
         for reply in self.grid.send_and_receive(out, timeout=self.config.round_timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "Round %d: node %d failed: %s", self.round, node, reply.error.reason)
+            if node not in requests or node in replies:
                 continue
-            status = reply.content.get(messages.STATUS)
-            refused = status is not None and status["state"] == messages.STATE_REFUSED
-            if status is not None and status["state"] == messages.STATE_ABORTED or (refused and not training):
-                log(WARNING, "Round %d: node %d refused: %s", self.round, node, status["reason"])
-                if refused:
+            if reply.has_error():
+                log(WARNING, "Round %d: node %d failed: %s", self.round, node, reply.error.reason[:300])
+                continue
+            try:
+                if training:
+                    check_reply(MessageType.TRAIN, Stage.MASKED_INPUT, requests[node], reply.content,
+                                plain_allowed=False)
+                status = status_of(reply.content)
+            except ReplyRefused as err:
+                log(WARNING, "Round %d: node %d sent a malformed reply: %s", self.round, node, err)
+                self.session.dropped_along_the_way.setdefault("malformed", []).append(node)
+                continue
+            if status is not None and (status[0] == messages.STATE_ABORTED
+                                       or (status[0] == messages.STATE_REFUSED and not training)):
+                log(WARNING, "Round %d: node %d refused: %s", self.round, node, status[1])
+                if status[0] == messages.STATE_REFUSED:
                     self.outcome.refused.append(node)
                 continue
             replies[node] = reply.content
@@ -166,8 +207,3 @@ class SecAggRound:
                 yield node, array_view(record["masked"].data, np.uint32, self.protocol.vector_length)
             except ValueError as err:
                 log(WARNING, "Round %d: node %d sent a malformed masked vector: %s", self.round, node, err)
-
-    @staticmethod
-    def _secagg_records(replies: dict[int, RecordDict]) -> dict[int, ConfigRecord]:
-        return {u: r[messages.SECAGG] for u, r in replies.items() if messages.SECAGG in r}
-

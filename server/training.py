@@ -21,6 +21,7 @@ from common.config import RunConfig
 from common.data.site import check_partitions, global_model, load_source_for, resolve_partitioning, to_tensor
 from common.evaluation import evaluate_model
 from common.models import count_parameters
+from common.replies import ReplyRefused, check_reply, stage_of
 from common.study import SiteRequest
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, apply_mean_delta
@@ -132,11 +133,27 @@ class FederatedTraining:
         return request_content(self.request, server_round, ArrayRecord(self.model.state_dict()),
                                simulation=self.config if self.simulated else None)
 
-    def _send(self, nodes: Iterable[int], message_type: str, server_round: int) -> list[Message]:
+    def _send(self, nodes: Iterable[int], message_type: str, server_round: int) -> dict[int, RecordDict | str]:
+        """Send to `nodes`; each asked node's first reply: its content, or why it failed (an error reply, or a
+        reply that does not follow the protocol's schema, common.replies). Others' replies are ignored."""
         content = self._content(server_round)
+        asked = sorted(set(nodes))
         out = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
-               for node in nodes]
-        return list(self.grid.send_and_receive(out, timeout=self.config.round_timeout))
+               for node in asked]
+        replies: dict[int, RecordDict | str] = {}
+        for reply in self.grid.send_and_receive(out, timeout=self.config.round_timeout):
+            node = reply.metadata.src_node_id
+            if node not in asked or node in replies:
+                continue
+            if reply.has_error():
+                replies[node] = reply.error.reason[:300]
+                continue
+            try:
+                check_reply(message_type, stage_of(content), content, reply.content, plain_allowed=True)
+                replies[node] = reply.content
+            except ReplyRefused as err:
+                replies[node] = f"malformed reply: {err}"
+        return replies
 
     def _train(self, server_round: int, cohort: list[int]) -> RoundOutcome:
         outcome = RoundOutcome()
@@ -152,17 +169,25 @@ class FederatedTraining:
             if not result.aborted:
                 outcome.total = result.total
             return outcome
-        for reply in self._send(cohort, MessageType.TRAIN, server_round):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "Round %d: node %d failed: %s", server_round, node, reply.error.reason)
+        for node, reply in self._send(cohort, MessageType.TRAIN, server_round).items():
+            if isinstance(reply, str):
+                log(WARNING, "Round %d: node %d failed: %s", server_round, node, reply)
                 outcome.failed.append(node)
                 continue
-            if self._note_train_reply(server_round, node, reply.content, outcome):
-                metrics = reply.content[messages.TRAIN_METRICS]
-                delta = flatten({k: v.numpy() for k, v in reply.content[messages.UPDATE].items()})
-                outcome.total.add(delta, int(metrics["num-examples"]), bool(metrics["update-clipped"]))
+            if self._note_train_reply(server_round, node, reply, outcome) and messages.UPDATE in reply:
+                self._add_plain(server_round, node, reply, outcome)
         return outcome
+
+    def _add_plain(self, server_round: int, node: int, reply: RecordDict, outcome: RoundOutcome) -> None:
+        """A plain update (comparison mode), bounded like a secure sum: weight in (0, max], norm within the bound."""
+        metrics = reply[messages.TRAIN_METRICS]
+        delta = flatten({k: v.numpy() for k, v in reply[messages.UPDATE].items()})
+        weight, norm = int(metrics["num-examples"]), float(np.linalg.norm(delta))
+        if not 0 < weight <= self.config.secagg_max_weight or norm > self.config.update_clip_norm * (1 + 1e-6):
+            log(WARNING, "Round %d: node %d sent an impossible update (weight or norm); dropped", server_round, node)
+            outcome.failed.append(node)
+            return
+        outcome.total.add(delta, weight, bool(metrics["update-clipped"]))
 
     def _note_train_reply(self, server_round: int, node: int, content: RecordDict, outcome: RoundOutcome) -> bool:
         """Record the site's privacy report and status; True if it trained."""
@@ -195,17 +220,15 @@ class FederatedTraining:
         accuracy: dict[int, float] = {}
         if not nodes:
             return accuracy
-        for reply in self._send(nodes, MessageType.EVALUATE, server_round):
-            if reply.has_error():
-                log(WARNING, "Evaluation: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+        for node, reply in self._send(nodes, MessageType.EVALUATE, server_round).items():
+            if isinstance(reply, str):
+                log(WARNING, "Evaluation: node %d failed: %s", node, reply)
                 continue
-            if messages.EVAL_METRICS not in reply.content:  # the site's policy refused to evaluate
-                status = reply.content.get(messages.STATUS)
-                log(INFO, "Evaluation: node %d refused: %s", reply.metadata.src_node_id,
-                    status["reason"] if status is not None else "no metrics")
+            if messages.EVAL_METRICS not in reply:  # the site's policy refused to evaluate
+                log(INFO, "Evaluation: node %d refused: %s", node, reply[messages.STATUS]["reason"])
                 continue
-            metrics = reply.content[messages.EVAL_METRICS]
-            self.node_site[reply.metadata.src_node_id] = int(metrics["site"])
+            metrics = reply[messages.EVAL_METRICS]
+            self.node_site[node] = int(metrics["site"])
             accuracy[int(metrics["site"])] = float(metrics["accuracy"])
         return dict(sorted(accuracy.items()))
 

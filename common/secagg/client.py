@@ -68,6 +68,7 @@ class ClientSession:
         self._s_sk, self.s_pk = keys.new_key_pair()
         self._b_seed = b""
         self.session = b""
+        self.model_hash = b""  # bound into the session at key sharing; the model trained on must hash to it
         self.threshold = 0
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._neighbours: frozenset[int] = frozenset()
@@ -88,10 +89,17 @@ class ClientSession:
         if not ok:
             self._abort(reason, detail)
 
-    def expect_session(self, server_round: int, session: bytes) -> None:
-        """Messages after key sharing name the round and session; anything else is refused."""
-        self._guard(AbortReason.WRONG_SESSION, server_round == self.config.server_round and session == self.session,
-                    f"round {server_round}")
+    def expect_session(self, server_round: int, session: bytes | None = None) -> None:
+        """Every message names this session's round; after key sharing, also its session id (required)."""
+        self._guard(AbortReason.WRONG_SESSION, server_round == self.config.server_round, "another round")
+        if self.stage is not Stage.SHARE_KEYS:
+            self._guard(AbortReason.WRONG_SESSION, bool(self.session) and session == self.session,
+                        "missing or another session id")
+
+    def expect_model(self, digest: bytes) -> None:
+        """The model received for training must be the one bound into the session at key sharing."""
+        self._guard(AbortReason.MODEL_MISMATCH, bool(self.model_hash) and digest == self.model_hash,
+                    "the model differs from the one bound at key sharing")
 
     @property
     def holders(self) -> frozenset[int]:
@@ -115,6 +123,7 @@ class ClientSession:
         try:
             self._check_advertisements(advertisements)
             self._keys = {ad.node_id: (ad.c_pk, ad.s_pk) for ad in advertisements}
+            self.model_hash = model_hash
             self.session = session_id(self.config, self._keys, model_hash)
             self._neighbours = neighbours(list(self._keys), self.config.graph_degree, self.session)[self.node_id]
             self.threshold = threshold(len(self.holders), self.config.dropout_rate, self.config.colluding)
@@ -242,7 +251,8 @@ class ClientSession:
         return {
             "node": keys.node_bytes(self.node_id), "config": self.config.canonical().decode(),
             "stage": self.stage.name, "c-sk": keys.private_bytes(self._c_sk), "s-sk": keys.private_bytes(self._s_sk),
-            "b-seed": self._b_seed, "session": self.session, "threshold": self.threshold,
+            "b-seed": self._b_seed, "session": self.session, "model-hash": self.model_hash,
+            "threshold": self.threshold,
             "key-ids": [keys.node_bytes(u) for u in ids], "key-c": [self._keys[u][0] for u in ids],
             "key-s": [self._keys[u][1] for u in ids],
             "neighbours": [keys.node_bytes(u) for u in sorted(self._neighbours)],
@@ -267,6 +277,7 @@ class ClientSession:
         session.c_pk, session.s_pk = keys.public_bytes(session._c_sk), keys.public_bytes(session._s_sk)
         session._b_seed = bytes(state["b-seed"])  # type: ignore[arg-type]
         session.session = bytes(state["session"])  # type: ignore[arg-type]
+        session.model_hash = bytes(state["model-hash"])  # type: ignore[arg-type]
         session.threshold = int(state["threshold"])  # type: ignore[arg-type]
         session._keys = dict(zip(ids("key-ids"), zip(state["key-c"], state["key-s"], strict=True), strict=True))  # type: ignore[arg-type]
         session._neighbours = frozenset(ids("neighbours"))

@@ -22,10 +22,12 @@ class AbortReason(StrEnum):
     BAD_CIPHERTEXT = "a share ciphertext does not decrypt or is addressed wrongly"
     BAD_INPUT = "the update does not fit the protocol (size or bound)"
     MODEL_MISMATCH = "the global model is not the one the session was bound to"
+    BAD_REQUEST = "a stage request does not follow its schema"
     # server-side
     NOT_ENOUGH_SURVIVORS = "fewer than the threshold survived a stage"
     BAD_RESPONSE = "a client's response is malformed"
     RECONSTRUCTION_FAILED = "a secret could not be reconstructed from its shares"
+    IMPOSSIBLE_AGGREGATE = "the unmasked sum is not one the contributors could have sent"
 
 
 class SecAggAbort(Exception):

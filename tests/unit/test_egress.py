@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from client.egress import CIPHERTEXT_BYTES, EgressRefused, check_reply, egress_guard
+from client.egress import EgressRefused, egress_guard
+from common.replies import PRIVACY_LISTS, PRIVACY_SCALARS, ReplyRefused, check_reply
+from common.secagg.stages import CIPHERTEXT_BYTES
 from common import messages
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "fc.bias": (10,)}
@@ -54,8 +56,13 @@ def _masked_reply(length: int = MODEL_SIZE + 2, dtype=np.uint32) -> RecordDict:
         messages.STATUS: ConfigRecord({"state": "trained", "reason": ""}),
         messages.MASKED_UPDATE: ArrayRecord({"masked": Array(np.zeros(length, dtype))}),
         messages.TRAIN_METRICS: MetricRecord({"site": 2, "steps": 10}),
-        messages.PRIVACY_REPORT: MetricRecord({"site": 2, "epsilon": 1.5, "history-noise": [1.1]}),
+        messages.PRIVACY_REPORT: _full_report(),
     })
+
+
+def _full_report() -> MetricRecord:
+    """A privacy report with every field the schema requires (values do not matter to the guard)."""
+    return MetricRecord({**{k: 1.0 for k in PRIVACY_SCALARS}, **{k: [1.0] for k in PRIVACY_LISTS}})
 
 
 def _log(tmp: Path) -> list[dict]:
@@ -123,12 +130,12 @@ def test_an_unmasked_update_is_refused_unless_the_site_allows_plain_updates(tmp_
 
 
 def test_secure_aggregation_stages_allow_only_their_fixed_size_fields():
-    ids = [bytes(8), bytes(7) + b"\x01", bytes(7) + b"\x02"]
+    ids = [bytes(7) + b"\x03", bytes(7) + b"\x01", bytes(7) + b"\x02"]
     advertise = _request(messages.STAGE_ADVERTISE)
     good = RecordDict({messages.SECAGG: ConfigRecord({"c-pk": bytes(32), "s-pk": bytes(32), "signature": b""})})
     check_reply(MessageType.TRAIN, messages.STAGE_ADVERTISE, advertise, good, plain_allowed=False)
     smuggled = RecordDict({messages.SECAGG: ConfigRecord({"c-pk": bytes(784), "s-pk": bytes(32), "signature": b""})})
-    with pytest.raises(EgressRefused, match="'c-pk' has the wrong type or size"):
+    with pytest.raises(ReplyRefused, match="'c-pk' must be 32 bytes"):
         check_reply(MessageType.TRAIN, messages.STAGE_ADVERTISE, advertise, smuggled, plain_allowed=False)
 
     share = _request(messages.STAGE_SHARE_KEYS, ids=ids)
@@ -137,12 +144,16 @@ def test_secure_aggregation_stages_allow_only_their_fixed_size_fields():
     check_reply(MessageType.TRAIN, messages.STAGE_SHARE_KEYS, share, reply, plain_allowed=False)
     smuggled = RecordDict({messages.SECAGG: ConfigRecord({
         "session": bytes(32), "receivers": ids[1:], "ciphertexts": [bytes(CIPHERTEXT_BYTES), bytes(784)]})})
-    with pytest.raises(EgressRefused, match="'ciphertexts' has the wrong type or size"):
+    with pytest.raises(ReplyRefused, match="'ciphertexts' must be a list of 176-byte strings"):
         check_reply(MessageType.TRAIN, messages.STAGE_SHARE_KEYS, share, smuggled, plain_allowed=False)
     too_many = RecordDict({messages.SECAGG: ConfigRecord({
         "session": bytes(32), "receivers": ids * 2, "ciphertexts": [bytes(CIPHERTEXT_BYTES)] * 6})})
-    with pytest.raises(EgressRefused, match="'receivers' has the wrong type or size"):
+    with pytest.raises(ReplyRefused, match="'receivers' is longer than the cohort"):
         check_reply(MessageType.TRAIN, messages.STAGE_SHARE_KEYS, share, too_many, plain_allowed=False)
+    node_zero = RecordDict({messages.SECAGG: ConfigRecord({
+        "session": bytes(32), "receivers": [bytes(8)], "ciphertexts": [bytes(CIPHERTEXT_BYTES)]})})
+    with pytest.raises(ReplyRefused, match="names node 0"):
+        check_reply(MessageType.TRAIN, messages.STAGE_SHARE_KEYS, share, node_zero, plain_allowed=False)
 
 
 def test_evaluation_replies_carry_only_the_four_metrics(tmp_path: Path):
