@@ -16,7 +16,7 @@ import yaml
 from common.config import PROJECT_ROOT
 
 DOCKER = PROJECT_ROOT / "docker"
-GENERATED = {"study", "data", "policies"}  # made by `carefed certs`, `carefed site demo-data`, `carefed site policy init`
+GENERATED = {"study", "data", "policies"}  # by carefed certs, site demo-data and site policy init
 
 
 def _compose() -> dict:

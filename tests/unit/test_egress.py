@@ -10,9 +10,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.egress import EgressRefused, egress_guard
+from common import messages
 from common.replies import PRIVACY_LISTS, PRIVACY_SCALARS, ReplyRefused, check_reply
 from common.secagg.stages import CIPHERTEXT_BYTES
-from common import messages
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "fc.bias": (10,)}
 MODEL_SIZE = sum(int(np.prod(s)) for s in SHAPES.values())
