@@ -8,7 +8,7 @@ The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -87,7 +87,6 @@ class SecAggRound:
         request = AdvertiseRequest(self.round, self.model_hash, self.protocol)
         replies = self._key_stage(Stage.ADVERTISE, cohort, lambda _: request.record(), len(cohort))
         ads = {u: Advertisement(u, r.c_pk, r.s_pk, r.signature) for u, r in replies.items()}
-        self._note_silent("advertise", cohort, ads)  # the session notes the ones it finds invalid
         return self.session.receive_advertisements(ads)
 
     def share_keys(self, relay: list[Advertisement]) -> dict[int, MaskedInputRequest]:
@@ -108,7 +107,7 @@ class SecAggRound:
                 self.config.update_clip_norm, float(self.config.secagg_max_weight), self.cohort_size).record())
             return message
 
-        replies = self._exchange(list(requests), content, training=True)
+        replies = self._exchange(Stage.MASKED_INPUT, list(requests), content, training=True)
         for node, reply in replies.items():
             self.on_train_reply(node, reply)
         return self.session.receive_masked_inputs(self._masked_vectors(replies))
@@ -134,16 +133,12 @@ class SecAggRound:
         check_aggregate(result, self.config.secagg_max_weight, self.config.update_clip_norm, rounding)
         return result
 
-    def _note_silent(self, stage: str, asked: Iterable[int], answered: Mapping[int, object]) -> None:
-        silent = sorted(set(asked) - set(answered))
-        if silent:
-            self.session.dropped_along_the_way[f"{stage}-no-reply"] = silent
-
     def _key_stage(self, stage: Stage, nodes: list[int], record_for: Callable[[int], dict[str, Any]],
                    max_items: int) -> dict[int, Any]:
         """Send a key stage; parse each reply by its schema. A reply that does not parse is that site dropping
         at this stage (named in the log and in metrics), never an exception out of the round."""
-        replies = self._exchange(nodes, lambda node: RecordDict({messages.SECAGG: ConfigRecord(record_for(node))}))
+        replies = self._exchange(stage, nodes,
+                                 lambda node: RecordDict({messages.SECAGG: ConfigRecord(record_for(node))}))
         parsed, malformed = {}, []
         for node, content in replies.items():
             try:
@@ -154,11 +149,15 @@ class SecAggRound:
             except MalformedMessage as err:
                 log(WARNING, "Round %d: node %d sent a malformed reply: %s", self.round, node, err)
                 malformed.append(node)
-        if malformed:
-            self.session.dropped_along_the_way[f"{stage}-malformed"] = sorted(malformed)
+        self._note(stage, "malformed", malformed)
         return parsed
 
-    def _exchange(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *,
+    def _note(self, stage: Stage, why: str, nodes: Iterable[int]) -> None:
+        """Every dropout at every stage, by cause, for metrics.json ("share-keys-no-reply": [...])."""
+        if nodes:
+            self.session.dropped_along_the_way.setdefault(f"{stage}-{why}", []).extend(sorted(nodes))
+
+    def _exchange(self, stage: Stage, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *,
                   training: bool = False) -> dict[int, RecordDict]:
         """Send one stage to `nodes` (with the request's sections); keep the replies that are not errors, refusals
         or malformed (each of those is that site dropping here). At the training stage a refusal is kept: the
@@ -172,12 +171,15 @@ class SecAggRound:
         out = [Message(content=c, dst_node_id=u, message_type=MessageType.TRAIN, group_id=str(self.round))
                for u, c in requests.items()]
         replies: dict[int, RecordDict] = {}
+        answered: set[int] = set()
         for reply in self.grid.send_and_receive(out, timeout=self.config.round_timeout):
             node = reply.metadata.src_node_id
-            if node not in requests or node in replies:
+            if node not in requests or node in answered:
                 continue
+            answered.add(node)
             if reply.has_error():
                 log(WARNING, "Round %d: node %d failed: %s", self.round, node, reply.error.reason[:300])
+                self._note(stage, "failed", [node])
                 continue
             try:
                 if training:
@@ -186,15 +188,17 @@ class SecAggRound:
                 status = status_of(reply.content)
             except ReplyRefused as err:
                 log(WARNING, "Round %d: node %d sent a malformed reply: %s", self.round, node, err)
-                self.session.dropped_along_the_way.setdefault("malformed", []).append(node)
+                self._note(stage, "malformed", [node])
                 continue
             if status is not None and (status[0] == messages.STATE_ABORTED
                                        or (status[0] == messages.STATE_REFUSED and not training)):
                 log(WARNING, "Round %d: node %d refused: %s", self.round, node, status[1])
                 if status[0] == messages.STATE_REFUSED:
                     self.outcome.refused.append(node)
+                self._note(stage, status[0], [node])
                 continue
             replies[node] = reply.content
+        self._note(stage, "no-reply", set(requests) - answered)
         return replies
 
     def _masked_vectors(self, replies: dict[int, RecordDict]) -> Iterator[tuple[int, np.ndarray]]:

@@ -21,9 +21,15 @@ site_app = typer.Typer(help="Partner-site tools: check a site's data before it j
 CERTS_EPILOG = """\
 Example (coordinator; then hand each site its sites/<name>/ folder over a secure channel):
 
-  carefed certs --out study --site st-marys --site northfield --superlink-host fl.example.org
+  carefed certs --out study --study chest-xray-2026 --site st-marys --site northfield \
+      --superlink-host fl.example.org
 
-  carefed certs --out study --check      # expiry, chain and key of the SuperLink's certificate
+  carefed certs --out study --check      # the SuperLink's certificate, and every site's identity certificate
+
+Each site also gets an identity key (identity.key, Ed25519) and its certificate from the study CA (identity.crt:
+CN = the site, the study id inside). Secure aggregation signs each round's keys with it, so a coordinator cannot
+invent sites. A study folder holds one study (its id is recorded in sites.json). To renew a site's identity
+certificate, move sites/<site>/identity.crt away and run again.
 """
 
 
@@ -34,27 +40,34 @@ def certs(
         help="DNS name or IP address sites dial (repeatable; the certificate's SANs).")] = None,
     days: Annotated[int, typer.Option(help="Validity of new certificates.")] = 365,
     check: Annotated[bool, typer.Option("--check", help="Only verify the existing files.")] = False,
+    study: Annotated[str | None, typer.Option(
+        help="Study id the sites' identity certificates name [default: the one in sites.json, else carefed-demo].",
+        show_default=False)] = None,
 ) -> None:
-    """Make the study CA, the SuperLink's TLS certificate and each site's node-authentication key (0600, never
-    overwritten, never printed); write sites.json with the public keys' fingerprints."""
-    from common.deploy.certs import StudyPaths, check_tls_files, make_study
+    """Make the study CA, the SuperLink's TLS certificate, and for each site a node-authentication key and an
+    identity key with its certificate (keys 0600, never overwritten, never printed); write sites.json with the
+    study id and the fingerprints."""
+    from common.deploy.certs import StudyPaths, check_study, make_study
 
     paths = StudyPaths(out)
     try:
         if check:
-            check_tls_files(ca=paths.ca_cert, cert=paths.server_cert, key=paths.server_key)
-            console.print(f"[green]ok[/]: {paths.server_cert} chains to {paths.ca_cert} and matches its key")
+            report = check_study(out, study=study)
+            console.print(f"[green]ok[/]: {paths.server_cert} chains to {paths.ca_cert} and matches its key; "
+                          f"{len(report['sites'])} site identities valid for study {report['study-id']}")
             return
         manifest = make_study(out, sites=list(site or []), hosts=list(superlink_host or ["localhost", "127.0.0.1"]),
-                              days=days)
+                              days=days, study=study)
     except CareFedError as err:
         raise fail(2, str(err)) from None
-    table = Table(title=f"Study keys in {out}")
+    table = Table(title=f"Study keys in {out} (study {manifest['study-id']})")
     table.add_column("site")
     table.add_column("public key (register it: flwr supernode register <file> <connection>)")
     table.add_column("SHA-256 fingerprint")
+    table.add_column("identity certificate SHA-256")
     for name, info in manifest["sites"].items():
-        table.add_row(name, str(out / info["public-key"]), info["fingerprint-sha256"][:32] + "...")
+        table.add_row(name, str(out / info["public-key"]), info["fingerprint-sha256"][:32] + "...",
+                      info["identity-fingerprint-sha256"][:32] + "...")
     Console().print(table)
     console.print(f"SuperLink certificate for {', '.join(manifest['superlink']['names'])}, expires "
                   f"{manifest['superlink']['expires'][:10]}. Keep {paths.ca_key} offline.", soft_wrap=True)

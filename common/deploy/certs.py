@@ -8,7 +8,16 @@
     <out>/sites/<site>/node.pub          its public key (OpenSSH), what the coordinator registers with
                                          `flwr supernode register <node.pub> <connection>` (Flower 1.42)
     <out>/sites/<site>/ca.crt            the CA, for `flower-supernode --root-certificates`
-    <out>/sites.json                     site names, key fingerprints (SHA-256), certificate expiry
+    <out>/sites/<site>/identity.key      the site's secure-aggregation identity key (Ed25519, PKCS#8 PEM): it signs
+                                         the site's keys each round, so a coordinator cannot invent sites
+    <out>/sites/<site>/identity.crt      its certificate from the study CA: CN = site, the study id in a critical
+                                         extension, digitalSignature and the CareFed identity purpose only
+                                         (profile: common/secagg/identity.py)
+    <out>/sites.json                     study id, site names, key and identity-certificate fingerprints (SHA-256),
+                                         certificate expiry
+
+A study folder belongs to one study id (`--study`, recorded in sites.json). To renew a site's identity
+certificate, move its identity.crt away and run again: the existing identity key is certified anew.
 
 Private keys are written 0600 through os.open (never world-readable, not even for an instant) and are never
 printed or logged; only fingerprints are. Existing keys are never overwritten: running again adds what is
@@ -32,11 +41,26 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import CareFedError
+from common.secagg.identity import (
+    IDENTITY_CERT_FILE,
+    IDENTITY_KEY_FILE,
+    IdentityError,
+    IdentityRefused,
+    IdentityVerifier,
+    SiteIdentity,
+    certificate_fingerprint,
+    certificate_study_id,
+    identity_key_pem,
+    issue_identity,
+)
+from common.study import NAME as STUDY_NAME
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_STUDY = "carefed-demo"
 
 
 class CertError(CareFedError):
@@ -63,13 +87,18 @@ class StudyPaths:
     def server_key(self) -> Path:
         return self.root / "superlink" / "server.key"
 
+    @property
+    def manifest(self) -> Path:
+        return self.root / "sites.json"
+
     def site(self, name: str) -> Path:
         return self.root / "sites" / name
 
 
 def make_study(out: Path, *, sites: list[str], hosts: list[str], days: int = 365,
-               now: dt.datetime | None = None) -> dict:
-    """Create what is missing under `out`; return the manifest written to sites.json (no secrets in it)."""
+               now: dt.datetime | None = None, study: str | None = None) -> dict:
+    """Create what is missing under `out`; return the manifest written to sites.json (no secrets in it).
+    `study` defaults to the id recorded in sites.json, else DEFAULT_STUDY."""
     for name in sites:
         if not SITE_NAME.match(name):
             raise CertError(f"site name '{name}' is not allowed: use lowercase letters, digits and '-' "
@@ -82,6 +111,7 @@ def make_study(out: Path, *, sites: list[str], hosts: list[str], days: int = 365
         raise CertError(f"--days {days}: certificates must be valid for at least one day")
     now = now or dt.datetime.now(dt.UTC)
     paths = StudyPaths(out)
+    study_id = _study_id(paths, study)
     ca_key, ca_cert = _ca(paths, days, now)
     if not paths.server_cert.exists():
         key = ec.generate_private_key(ec.SECP384R1())
@@ -89,23 +119,109 @@ def make_study(out: Path, *, sites: list[str], hosts: list[str], days: int = 365
         _write_private(paths.server_key, _pem_private(key))
         _write_public(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     _write_public(paths.root / "superlink" / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    manifest = {"ca-fingerprint-sha256": _fingerprint(ca_cert.public_key()), "superlink": _cert_info(paths),
-                "sites": {}}
-    existing = sorted(p.name for p in (paths.root / "sites").iterdir()) if (paths.root / "sites").exists() else []
-    for name in sorted(set(existing) | set(sites)):
+    manifest = {"study-id": study_id, "ca-fingerprint-sha256": _fingerprint(ca_cert.public_key()),
+                "superlink": _cert_info(paths), "sites": {}}
+    for name in sorted(set(_site_names(paths)) | set(sites)):
         folder = paths.site(name)
-        if not (folder / "node.key").exists():
-            key = ec.generate_private_key(ec.SECP384R1())
-            _write_private(folder / "node.key", key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            _write_public(folder / "node.pub", key.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
-        _write_public(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-        public = serialization.load_ssh_public_key((folder / "node.pub").read_bytes())
-        manifest["sites"][name] = {"public-key": str((folder / "node.pub").relative_to(paths.root)),
-                                   "fingerprint-sha256": _fingerprint(public)}
-    (paths.root / "sites.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["sites"][name] = {**_node_key(paths, folder, ca_cert),
+                                   **_identity(paths, folder, ca_key, ca_cert, study_id, days, now)}
+    paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _site_names(paths: StudyPaths) -> list[str]:
+    return sorted(p.name for p in (paths.root / "sites").iterdir()) if (paths.root / "sites").exists() else []
+
+
+def _read_manifest(paths: StudyPaths) -> dict:
+    if not paths.manifest.exists():
+        return {}
+    try:
+        manifest = json.loads(paths.manifest.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CertError(f"{paths.manifest} is not valid JSON ({err}); restore it from a backup") from None
+    if not isinstance(manifest, dict):
+        raise CertError(f"{paths.manifest} is not a study manifest; restore it from a backup")
+    return manifest
+
+
+def _study_id(paths: StudyPaths, study: str | None) -> str:
+    """One study folder, one study id: the one recorded in sites.json wins over the default, never over --study."""
+    recorded = _read_manifest(paths).get("study-id")
+    if study and recorded and study != recorded:
+        raise CertError(f"{paths.root} belongs to study {recorded!r}, not --study {study!r}: a study folder has one "
+                        "study id (use another --out for another study)")
+    study_id = study or recorded or DEFAULT_STUDY
+    if not isinstance(study_id, str) or not STUDY_NAME.match(study_id) or ".." in study_id:
+        raise CertError(f"study id {study_id!r} is not allowed: letters, digits, '.', '_' and '-', up to 128")
+    return study_id
+
+
+def _node_key(paths: StudyPaths, folder: Path, ca_cert: x509.Certificate) -> dict:
+    """The SuperNode's authentication key (made once), and the CA beside it."""
+    if not (folder / "node.key").exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(folder / "node.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        _write_public(folder / "node.pub", key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    _write_public(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+    public = serialization.load_ssh_public_key((folder / "node.pub").read_bytes())
+    return {"public-key": str((folder / "node.pub").relative_to(paths.root)),
+            "fingerprint-sha256": _fingerprint(public)}
+
+
+def _identity(paths: StudyPaths, folder: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+              study_id: str, days: int, now: dt.datetime) -> dict:
+    """The site's identity key and certificate: made when missing, re-certified when only the certificate is."""
+    key_path, cert_path = folder / IDENTITY_KEY_FILE, folder / IDENTITY_CERT_FILE
+    if cert_path.exists() and not key_path.exists():
+        raise CertError(f"{cert_path} has no {IDENTITY_KEY_FILE} beside it; restore the key, or move the certificate "
+                        "away to enrol the site with a new identity")
+    if not cert_path.exists():
+        existing = _identity_key(key_path) if key_path.exists() else None
+        key, cert = issue_identity(ca_key, ca_cert, folder.name, study_id, key=existing,
+                                   not_before=now - dt.timedelta(minutes=5), not_after=now + dt.timedelta(days=days))
+        if existing is None:
+            _write_private(key_path, identity_key_pem(key))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    enrolled_in = _enrolled_study(cert_path)
+    if enrolled_in != study_id:
+        raise CertError(f"{cert_path} enrols {folder.name} in study {enrolled_in!r}, not {study_id!r}; this folder "
+                        "mixes studies (use one --out per study)")
+    der = _pem_certificate_der(cert_path)
+    cert = x509.load_der_x509_certificate(der)
+    return {"identity-certificate": str(cert_path.relative_to(paths.root)),
+            "identity-fingerprint-sha256": certificate_fingerprint(der),
+            "identity-expires": cert.not_valid_after_utc.isoformat()}
+
+
+def _identity_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise CertError(f"{path} is not an unencrypted PEM private key; restore it or move it away") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CertError(f"{path} is not an Ed25519 key; restore it or move it away to enrol the site anew")
+    return key
+
+
+def _enrolled_study(cert_path: Path) -> str:
+    """The study an identity certificate names (read, not yet trusted: check_identity verifies it)."""
+    if not cert_path.is_file():
+        raise CertError(f"{cert_path} not found; copy the site's whole sites/<site>/ folder from the coordinator")
+    try:
+        return certificate_study_id(_pem_certificate_der(cert_path))
+    except IdentityRefused as err:
+        raise CertError(f"{cert_path}: {err.detail}; move it away and run `carefed certs` again to re-certify the "
+                        "site") from None
+
+
+def _pem_certificate_der(path: Path) -> bytes:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise CertError(f"{path} is not a PEM certificate; move it away and run `carefed certs` again") from None
 
 
 def _ca(paths: StudyPaths, days: int, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -250,5 +366,47 @@ def check_site_keys(folder: Path, *, now: dt.datetime | None = None) -> dict:
     if ca_cert.not_valid_after_utc < now:
         raise CertError(f"the study CA {ca} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; ask the coordinator "
                         "for the study's current ca.crt")
-    return {"ca-expires": ca_cert.not_valid_after_utc.isoformat(), "node-key-fingerprint-sha256":
-            _fingerprint(private.public_key())}
+    report = {"ca-expires": ca_cert.not_valid_after_utc.isoformat(), "node-key-fingerprint-sha256":
+              _fingerprint(private.public_key())}
+    if (folder / IDENTITY_KEY_FILE).exists() or (folder / IDENTITY_CERT_FILE).exists():
+        report |= check_identity(folder, _verifier(ca, _enrolled_study(folder / IDENTITY_CERT_FILE), now))
+    return report
+
+
+def check_study(out: Path, *, study: str | None = None, now: dt.datetime | None = None) -> dict:
+    """`carefed certs --check`: the SuperLink's TLS files, then every site's identity against the CA and study."""
+    paths = StudyPaths(out)
+    check_tls_files(ca=paths.ca_cert, cert=paths.server_cert, key=paths.server_key, now=now)
+    study_id = _study_id(paths, study)
+    verifier = _verifier(paths.ca_cert, study_id, now)
+    listed = _read_manifest(paths).get("sites", {})
+    sites = {}
+    for name in _site_names(paths):
+        sites[name] = check_identity(paths.site(name), verifier)
+        recorded = listed.get(name, {}).get("identity-fingerprint-sha256")
+        if recorded and recorded != sites[name]["identity-fingerprint-sha256"]:
+            raise CertError(f"{paths.site(name) / IDENTITY_CERT_FILE} is not the certificate sites.json lists for "
+                            f"{name}; it was replaced after `carefed certs` wrote it")
+    return {"study-id": study_id, "sites": sites}
+
+
+def _verifier(ca: Path, study_id: str, now: dt.datetime | None) -> IdentityVerifier:
+    try:
+        return IdentityVerifier(ca.read_bytes(), study_id, now)
+    except IdentityError as err:
+        raise CertError(f"{ca}: {err}") from None
+
+
+def check_identity(folder: Path, verifier: IdentityVerifier) -> dict:
+    """A site's identity key and certificate as its peers will check them (CA, study, usage, validity)."""
+    identity = SiteIdentity.load(folder)  # presence, mode 0600, key matches certificate
+    try:
+        peer = verifier.verify_certificate(identity.certificate)
+    except IdentityRefused as err:
+        raise CertError(f"{folder / IDENTITY_CERT_FILE}: {err.detail}. Peers would refuse this site; move the "
+                        "certificate away and run `carefed certs` again to re-certify it") from None
+    if peer.name != folder.name:
+        raise CertError(f"{folder / IDENTITY_CERT_FILE} names site {peer.name!r}, not {folder.name!r}")
+    expires = x509.load_der_x509_certificate(identity.certificate).not_valid_after_utc
+    return {"identity-name": peer.name, "identity-study-id": verifier.study_id,
+            "identity-fingerprint-sha256": peer.fingerprint, "identity-expires": expires.isoformat()}

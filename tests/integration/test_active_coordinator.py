@@ -185,7 +185,7 @@ def test_malformed_duplicate_and_oversized_replies_are_dropouts_never_a_crash():
 
     outcome, _ = _round(n=10, reply=spoil)
     assert outcome.aborted == "", outcome.aborted
-    assert outcome.dropped["advertise-keys-malformed"] == [1, 2]
+    assert outcome.dropped["advertise-keys-malformed"] == [1, 2]  # every cause of every dropout, by stage
     assert outcome.dropped["share-keys-malformed"] == [3]
     assert outcome.dropped["unmask-malformed"] == [4]
     survivors = [u for u in range(1, 11) if u not in (1, 2, 3)]

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.deploy.certs import CertError, StudyPaths, check_tls_files, make_study
+from common.secagg.identity import IDENTITY_EKU, IdentityVerifier, SiteIdentity, issue_identity
 
 
 def _mode(path: Path) -> int:
@@ -98,4 +99,119 @@ def test_a_sites_key_folder_is_checked_before_it_joins(tmp_path: Path):
         check_site_keys(folder)
     (folder / "ca.crt").write_text("not a certificate")
     with pytest.raises(CertError, match="not a PEM certificate"):
+        check_site_keys(folder)
+
+
+# Identities for secure aggregation: each site's Ed25519 key, certified by the study CA for one study.
+
+def _identity_der(folder: Path) -> bytes:
+    cert = x509.load_pem_x509_certificate((folder / "identity.crt").read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_each_site_gets_an_ed25519_identity_certified_by_the_study_ca_for_its_study(tmp_path: Path):
+    manifest = make_study(tmp_path, sites=["st-marys", "northfield"], hosts=["localhost"], study="lung-2026")
+    paths = StudyPaths(tmp_path)
+    verifier = IdentityVerifier(paths.ca_cert.read_bytes(), "lung-2026")
+    assert manifest["study-id"] == "lung-2026" == json.loads(paths.manifest.read_text())["study-id"]
+    for name in ("st-marys", "northfield"):
+        folder = paths.site(name)
+        assert _mode(folder / "identity.key") == 0o600 and _mode(folder / "identity.crt") == 0o644
+        identity = SiteIdentity.load(folder)
+        peer = verifier.verify_certificate(identity.certificate)
+        assert peer.name == name == identity.name
+        assert manifest["sites"][name]["identity-fingerprint-sha256"] == peer.fingerprint == identity.fingerprint
+        cert = x509.load_der_x509_certificate(identity.certificate)
+        purposes = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        assert purposes == [IDENTITY_EKU]  # no serverAuth/clientAuth: useless for TLS, as TLS certs are for this
+    assert "PRIVATE" not in paths.manifest.read_text()
+
+
+def test_running_again_adds_missing_identities_and_touches_no_existing_file(tmp_path: Path):
+    make_study(tmp_path, sites=["a"], hosts=["localhost"])
+    paths = StudyPaths(tmp_path)
+    files = [paths.site("a") / name for name in ("identity.key", "identity.crt", "node.key")]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    manifest = make_study(tmp_path, sites=["b"], hosts=["localhost"])
+    assert all((p.read_bytes(), p.stat().st_mtime_ns) == seen for p, seen in before.items())
+    assert manifest["study-id"] == "carefed-demo" and set(manifest["sites"]) == {"a", "b"}
+    SiteIdentity.load(paths.site("b"))
+
+
+def test_a_study_folder_keeps_one_study_id(tmp_path: Path):
+    make_study(tmp_path, sites=["a"], hosts=["localhost"], study="lung-2026")
+    assert make_study(tmp_path, sites=["b"], hosts=["localhost"])["study-id"] == "lung-2026"
+    with pytest.raises(CertError, match="belongs to study 'lung-2026', not --study 'other'"):
+        make_study(tmp_path, sites=["c"], hosts=["localhost"], study="other")
+    with pytest.raises(CertError, match="study id '../x' is not allowed"):
+        make_study(tmp_path / "new", sites=["c"], hosts=["localhost"], study="../x")
+
+
+def test_a_moved_away_identity_certificate_is_renewed_for_the_same_key(tmp_path: Path):
+    make_study(tmp_path, sites=["a"], hosts=["localhost"])
+    folder = StudyPaths(tmp_path).site("a")
+    key, old = (folder / "identity.key").read_bytes(), _identity_der(folder)
+    (folder / "identity.crt").rename(tmp_path / "old-identity.crt")
+    make_study(tmp_path, sites=[], hosts=["localhost"])
+    assert (folder / "identity.key").read_bytes() == key and _identity_der(folder) != old
+    assert SiteIdentity.load(folder).name == "a"
+
+
+def test_an_identity_certificate_without_its_key_is_refused_rather_than_replaced(tmp_path: Path):
+    make_study(tmp_path, sites=["a"], hosts=["localhost"])
+    (StudyPaths(tmp_path).site("a") / "identity.key").unlink()
+    with pytest.raises(CertError, match="identity.crt has no identity.key beside it"):
+        make_study(tmp_path, sites=[], hosts=["localhost"])
+
+
+def _reissue(tmp_path: Path, study: str) -> bytes:
+    """A certificate for site a's key from the real study CA, as an attacker with the CA key could make it."""
+    paths = StudyPaths(tmp_path)
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    key = serialization.load_pem_private_key((paths.site("a") / "identity.key").read_bytes(), None)
+    _, cert = issue_identity(ca_key, ca_cert, "a", study, key=key, not_before=now - dt.timedelta(minutes=1),
+                             not_after=now + dt.timedelta(days=1))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _flip_signature(tmp_path: Path) -> bytes:
+    der = bytearray(_identity_der(StudyPaths(tmp_path).site("a")))
+    der[-5] ^= 1  # inside the CA's signature
+    return x509.load_der_x509_certificate(bytes(der)).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (_flip_signature, "not issued by this study's CA"),
+    (lambda tmp_path: _reissue(tmp_path, "another-study"), "certificate is for another study"),
+    (lambda tmp_path: _reissue(tmp_path, "carefed-demo"), "is not the certificate sites.json lists"),
+    (lambda tmp_path: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "identity files are not PEM"),
+])
+def test_carefed_certs_check_passes_on_fresh_output_and_fails_on_a_tampered_identity(tmp_path: Path, tamper,
+                                                                                      message: str):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["certs", "--out", str(tmp_path), "--site", "a", "--site", "b"])
+    assert made.exit_code == 0, made.output
+    checked = runner.invoke(app, ["certs", "--out", str(tmp_path), "--check"])
+    assert checked.exit_code == 0 and "2 site identities valid for study carefed-demo" in " ".join(
+        checked.output.split())
+    (StudyPaths(tmp_path).site("a") / "identity.crt").write_bytes(tamper(tmp_path))
+    failed = runner.invoke(app, ["certs", "--out", str(tmp_path), "--check"])
+    assert failed.exit_code == 2 and message in " ".join(failed.output.split()), failed.output
+
+
+def test_a_sites_key_folder_check_covers_its_identity(tmp_path: Path):
+    from common.deploy.certs import check_site_keys
+
+    make_study(tmp_path, sites=["a"], hosts=["localhost"], study="lung-2026")
+    folder = StudyPaths(tmp_path).site("a")
+    report = check_site_keys(folder)
+    assert report["identity-study-id"] == "lung-2026" and report["identity-name"] == "a"
+    (folder / "identity.crt").write_bytes(_flip_signature(tmp_path))
+    with pytest.raises(CertError, match="Peers would refuse this site"):
         check_site_keys(folder)
