@@ -27,9 +27,14 @@ from common.config import RunConfig, resolve
 from common.errors import CareFedError, ConfigError
 from common.policy import MAX_STUDY_EPSILON, PolicyRefusal, SitePolicy, load_policy
 from common.privacy.ledger import LedgerError, PrivacyLedger
+from common.secagg.client import Enrolment
+from common.secagg.errors import AbortReason, SecAggAbort
+from common.secagg.identity import IdentityError, IdentityVerifier, SiteIdentity, certificate_study_id
 from common.study import RequestError, SecAggSection, SiteRequest, StudySection, check_name
 
 POLICY_KEY = "policy"  # node_config: the site's policy file
+IDENTITY_KEY = "identity"  # node_config: the site's folder from `carefed certs` (identity.key/.crt, ca.crt), or
+# a folder holding one such folder per study id
 
 
 class SiteSetupError(CareFedError):
@@ -100,7 +105,8 @@ def accepting_policy(config: RunConfig) -> SitePolicy:
     return SitePolicy(
         studies=(config.study_id,), dp_required=config.dp, min_privacy_unit=config.privacy_unit,
         max_epsilon_per_study=epsilon, lifetime_epsilon=epsilon, max_delta=min(config.target_delta, 1e-3),
-        secagg_required=config.secagg, min_cohort=config.secagg_min_cohort, min_neighbours=1,
+        secagg_required=config.secagg, require_signatures=config.secagg_identities,
+        min_cohort=config.secagg_min_cohort, min_neighbours=1,
         max_dropout_rate=min(config.secagg_dropout_rate, 0.49), max_cohort=max(config.num_sites, 3),
         models=(config.model,), send_evaluation_metrics=True)
 
@@ -113,6 +119,32 @@ def state_dir(context: Context, config: RunConfig, site: int) -> Path:
         raise SiteSetupError(f"this SuperNode has no '{STATE_DIR_KEY}' in its node config; a deployed site keeps "
                              f"its ledger in its own folder: --node-config '{STATE_DIR_KEY}=\"/srv/carefed\" ...'")
     return Path(config.output_dir).expanduser().resolve() / config.run_name / "sites" / f"site-{site:04d}"
+
+
+def enrolment_for(context: Context, content: RecordDict) -> Enrolment | None:
+    """The site's identity and the study CA it verifies peers against, where its policy requires enrolled peers
+    (a deployed site's policy; a simulation's secagg-identities). Read from the site's own files, never a message."""
+    request = SiteRequest.parse(content)  # the gate has checked it
+    config = _site_config(content, context).with_request(request)
+    site = site_id(context)
+    if not site_policy(context, config, site).require_signatures:
+        return None
+    if is_simulated(context):
+        folder = state_dir(context, config, site).parent.parent / "identities" / f"site-{site}"
+    elif IDENTITY_KEY in context.node_config:
+        folder = Path(str(context.node_config[IDENTITY_KEY])).expanduser()
+        if (folder / request.study.study_id).is_dir():  # a site in several studies: one identity per study
+            folder = folder / request.study.study_id
+    else:
+        raise SecAggAbort(AbortReason.NO_IDENTITY, f"no '{IDENTITY_KEY}' folder in the node config")
+    try:
+        identity = SiteIdentity.load(folder)
+        verifier = IdentityVerifier.for_site(folder, request.study.study_id)
+    except (IdentityError, OSError) as err:
+        raise SecAggAbort(AbortReason.NO_IDENTITY, type(err).__name__) from None
+    if certificate_study_id(identity.certificate) != request.study.study_id:
+        raise SecAggAbort(AbortReason.NO_IDENTITY, "this site's identity certificate is for another study")
+    return Enrolment(identity, verifier, request.study.study_id, request.study.run_name)
 
 
 def simulated_site_folder(context: Context, content: RecordDict) -> Path | None:

@@ -14,8 +14,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.policy_gate import enrolment_for
 from common import messages
-from common.secagg.client import Advertisement, ClientSession
+from common.errors import CareFedError
+from common.secagg.client import Advertisement, ClientSession, Enrolment
 from common.secagg.encoding import FixedPoint
 from common.secagg.errors import AbortReason, SecAggAbort
 from common.secagg.protocol import model_digest
@@ -44,8 +46,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             raise MalformedMessage(AbortReason.BAD_REQUEST, "the secagg record is not a config record")
         request = parse_request(record)
         if isinstance(request, AdvertiseRequest):
-            return _reply(msg, _advertise(request, context))
-        session = _session(context)
+            return _reply(msg, _advertise(request, context, enrolment_for(context, msg.content)))
+        session = _session(context, enrolment_for(context, msg.content)
+                           if isinstance(request, ShareKeysRequest) else None)
         session.expect_session(request.round, getattr(request, "session", None))
         if isinstance(request, ShareKeysRequest):
             content = _share_keys(request, session)
@@ -59,7 +62,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return _reply(msg, content)
     except SecAggAbort as err:
         return _abort(msg, context, err)
-    except (ValueError, TypeError, KeyError) as err:  # the core refused a value the schema let through
+    except (ValueError, TypeError, KeyError, CareFedError) as err:  # a value the schema let through was refused
         return _abort(msg, context, SecAggAbort(AbortReason.BAD_REQUEST, type(err).__name__))
 
 
@@ -74,21 +77,24 @@ def _reply(msg: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _session(context: Context) -> ClientSession:
+def _session(context: Context, enrolment: Enrolment | None) -> ClientSession:
     if SESSION_STATE not in context.state:
         raise SecAggAbort(AbortReason.WRONG_STAGE, "no advertised session")
-    return ClientSession.from_state(context.state[SESSION_STATE])
+    return ClientSession.from_state(context.state[SESSION_STATE], enrolment)
 
 
-def _advertise(request: AdvertiseRequest, context: Context) -> RecordDict:
-    session = ClientSession(context.node_id, request.protocol)
+def _advertise(request: AdvertiseRequest, context: Context, enrolment: Enrolment | None) -> RecordDict:
+    session = ClientSession(context.node_id, request.protocol, enrolment)
     ad = session.advertise_keys()
     context.state[SESSION_STATE] = ConfigRecord(session.to_state())
-    return RecordDict({messages.SECAGG: ConfigRecord(AdvertiseReply(ad.c_pk, ad.s_pk, ad.signature).record())})
+    reply = AdvertiseReply(ad.c_pk, ad.s_pk, ad.signature, ad.certificate)
+    return RecordDict({messages.SECAGG: ConfigRecord(reply.record())})
 
 
 def _share_keys(request: ShareKeysRequest, session: ClientSession) -> RecordDict:
-    ads = [Advertisement(u, request.c_pks[u], request.s_pks[u], request.signatures[u]) for u in request.c_pks]
+    """Every advertised peer checked (an enrolled, distinct site where the site's policy says so), then shares."""
+    ads = [Advertisement(u, request.c_pks[u], request.s_pks[u], request.signatures[u], request.certificates[u])
+           for u in request.c_pks]
     ciphertexts = session.share_keys(ads, request.model_hash)
     return RecordDict({messages.SECAGG: ConfigRecord(ShareKeysReply(session.session, ciphertexts).record())})
 

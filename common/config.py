@@ -68,6 +68,8 @@ class RunConfig:
     secagg_min_cohort: int  # never aggregate fewer sites than this
     secagg_graph_degree: int  # 0: complete graph; k (even): random k-regular SecAgg+ graph
     secagg_max_weight: int  # cap on a site's example count (the weight); sets the fixed-point scale
+    secagg_identities: bool  # simulation: enrol the virtual sites with a per-run study CA (signed advertisements)
+    identity_ca: str  # the coordinator's copy of the study CA certificate: drop unverifiable advertisements early
     round_timeout: float  # seconds to wait for replies to one message round
     canaries: int  # one-run privacy audit: mislabelled canaries, each in training with probability 1/2; 0: none
     model: str

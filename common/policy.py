@@ -51,6 +51,7 @@ class SitePolicy:
     lifetime_epsilon: float = 20.0
     max_delta: float = 1e-5
     secagg_required: bool = True
+    require_signatures: bool = True
     min_cohort: int = 3
     min_neighbours: int = 2
     max_dropout_rate: float = 0.4
@@ -204,6 +205,9 @@ max-delta = {max_delta}
 
 # Secure aggregation: the coordinator only ever sees the sum of at least min-cohort sites' updates.
 secagg-required = {secagg_required}
+# Every peer in secure aggregation must be a site enrolled by the study CA (identity certificate in the SuperNode's
+# node config identity="..."), so the coordinator cannot invent sites. Turn off only for a trusted coordinator.
+require-signatures = {require_signatures}
 min-cohort = {min_cohort}
 # With a sparse (SecAgg+) neighbour graph, the fewest neighbours this site's masks may be shared with.
 min-neighbours = {min_neighbours}

@@ -8,6 +8,7 @@ The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -21,9 +22,10 @@ from flwr.serverapp import Grid
 from common import messages
 from common.config import RunConfig
 from common.replies import ReplyRefused, check_reply, status_of
-from common.secagg.client import Advertisement, UnmaskResponse
+from common.secagg.client import Advertisement, Enrolment, UnmaskResponse
 from common.secagg.encoding import FixedPoint
 from common.secagg.errors import AbortReason, SecAggAbort
+from common.secagg.identity import IdentityVerifier
 from common.secagg.protocol import ProtocolConfig, model_digest
 from common.secagg.server import MaskedInputRequest, ServerSession, UnmaskRequest
 from common.secagg.stages import AdvertiseRequest, MalformedMessage, ShareKeysRequest, Stage, parse_reply
@@ -48,13 +50,13 @@ def protocol_config(config: RunConfig, server_round: int, num_parameters: int) -
     return ProtocolConfig(
         server_round=server_round, vector_length=num_parameters + 2, dropout_rate=config.secagg_dropout_rate,
         colluding=config.secagg_colluding, min_cohort=config.secagg_min_cohort,
-        graph_degree=config.secagg_graph_degree,
+        graph_degree=config.secagg_graph_degree, require_signatures=config.secagg_identities,
     )
 
 
 class SecAggRound:
     def __init__(self, grid: Grid, config: RunConfig, server_round: int, train_content: RecordDict,
-                 num_parameters: int, on_train_reply: ReplyHandler) -> None:
+                 num_parameters: int, on_train_reply: ReplyHandler, verifier: IdentityVerifier | None = None) -> None:
         self.grid = grid
         self.config = config
         self.round = server_round
@@ -65,6 +67,7 @@ class SecAggRound:
         self.model_hash = model_digest([arr.data for arr in model.values()])
         self.protocol = protocol_config(config, server_round, num_parameters)
         self.session = ServerSession(self.protocol, self.model_hash)
+        self.enrolment = Enrolment(None, verifier, config.study_id, config.run_name) if verifier else None
         self.cohort_size = 0  # sites that advertised valid keys (U1): the fixed-point scale's cohort
         self.outcome = SecAggOutcome()
 
@@ -86,13 +89,33 @@ class SecAggRound:
     def advertise_keys(self, cohort: list[int]) -> list[Advertisement]:
         request = AdvertiseRequest(self.round, self.model_hash, self.protocol)
         replies = self._key_stage(Stage.ADVERTISE, cohort, lambda _: request.record(), len(cohort))
-        ads = {u: Advertisement(u, r.c_pk, r.s_pk, r.signature) for u, r in replies.items()}
-        return self.session.receive_advertisements(ads)
+        ads = {u: Advertisement(u, r.c_pk, r.s_pk, r.signature, r.certificate) for u, r in replies.items()}
+        return self.session.receive_advertisements(self._enrolled(ads))
+
+    def _enrolled(self, ads: dict[int, Advertisement]) -> dict[int, Advertisement]:
+        """With the study CA, drop advertisements the sites would refuse (unknown, forged or duplicate identities)
+        before relaying them, so one bad advertisement costs its sender the round, not everyone's. The sites
+        check every advertisement again themselves: this is for liveness, not for their security."""
+        if self.enrolment is None or self.enrolment.verifier is None:
+            return ads
+        verifier, valid, peers = self.enrolment.verifier, {}, {}
+        for node, ad in ads.items():
+            try:
+                peers[node] = verifier.verify_advertisement(
+                    ad.certificate, ad.signature, self.enrolment.payload(self.protocol, node, ad.c_pk, ad.s_pk))
+                valid[node] = ad
+            except SecAggAbort:
+                self._note(Stage.ADVERTISE, "bad-identity", [node])
+        names = Counter(peer.fingerprint for peer in peers.values())
+        duplicates = [u for u, peer in peers.items() if names[peer.fingerprint] > 1]
+        self._note(Stage.ADVERTISE, "duplicate-identity", duplicates)
+        return {u: ad for u, ad in valid.items() if u not in duplicates}
 
     def share_keys(self, relay: list[Advertisement]) -> dict[int, MaskedInputRequest]:
         u1 = [ad.node_id for ad in relay]
         request = ShareKeysRequest(self.round, self.model_hash, {ad.node_id: ad.c_pk for ad in relay},
-                                   {ad.node_id: ad.s_pk for ad in relay}, {ad.node_id: ad.signature for ad in relay})
+                                   {ad.node_id: ad.s_pk for ad in relay}, {ad.node_id: ad.signature for ad in relay},
+                                   {ad.node_id: ad.certificate for ad in relay})
         replies = self._key_stage(Stage.SHARE_KEYS, u1, lambda _: request.record(), len(u1))
         shares = {u: r.ciphertexts for u, r in replies.items() if r.session == self.session.session}
         self.cohort_size = len(u1)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from common.data.site import check_partitions, global_model, load_source_for, re
 from common.evaluation import evaluate_model
 from common.models import count_parameters
 from common.replies import ReplyRefused, check_reply, stage_of
+from common.secagg.identity import IdentityVerifier, enrol_virtual_sites
 from common.study import SiteRequest
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, apply_mean_delta
@@ -73,6 +75,20 @@ class FederatedTraining:
         self.exhausted: set[int] = set()  # node ids whose privacy budget cannot afford another round
         self.node_site: dict[int, int] = {}
         self.folder = RunFolder.create(config)
+        self.identity_verifier = self._identities()
+
+    def _identities(self) -> IdentityVerifier | None:
+        """Simulation: enrol every virtual site with a per-run study CA (its key is thrown away), so the signed path
+        is the one exercised. Deployment: the study CA certificate the coordinator holds (identity-ca), if any."""
+        config = self.config
+        if not config.secagg:
+            return None
+        if self.simulated and config.secagg_identities:
+            enrolment = enrol_virtual_sites(config.num_sites, config.study_id, self.folder.path / "identities")
+            return IdentityVerifier(enrolment.ca_cert.read_bytes(), config.study_id)
+        if config.identity_ca:
+            return IdentityVerifier(Path(config.identity_ca).expanduser().read_bytes(), config.study_id)
+        return None
 
     def run(self) -> None:
         try:
@@ -160,7 +176,8 @@ class FederatedTraining:
         if self.config.secagg:
             secure = SecAggRound(self.grid, self.config, server_round, self._content(server_round),
                                  count_parameters(self.model),
-                                 lambda node, content: self._note_train_reply(server_round, node, content, outcome))
+                                 lambda node, content: self._note_train_reply(server_round, node, content, outcome),
+                                 self.identity_verifier)
             result = secure.run(cohort)
             outcome.secagg_aborted, outcome.secagg_dropped = result.aborted, result.dropped
             for node in result.refused:  # a site's policy refused a key stage: it will refuse this run again

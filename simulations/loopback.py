@@ -131,7 +131,7 @@ class LoopbackDeployment:
         folder = self.study.site(site)
         state = self.work / "state" / (name or site)
         node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}" '
-                       f'policy="{self.policy_path(site)}"')
+                       f'policy="{self.policy_path(site)}" identity="{folder}"')
         command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                    "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
         if insecure:

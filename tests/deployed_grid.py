@@ -16,23 +16,34 @@ from client.app import app as client_app
 from common.config import resolve
 from common.deploy.demo_data import write_site_folders
 from common.policy import SitePolicy, policy_text
+from common.secagg.identity import enrol_virtual_sites
 from simulations.benchmarks.secagg import LoopbackGrid
 
 FIRST_NODE = 101
 
 
+STUDIES = ("carefed-demo", "carefed-demo-2")
+
+
 def make_sites(root: Path, count: int, policy: SitePolicy | None = None) -> dict[int, dict[str, object]]:
-    """Image folders, state folders and policy files for `count` hospitals; node id -> node config."""
+    """Image folders, state folders, policy files and enrolled identities (one per study, each study its own CA)
+    for `count` hospitals; node id -> node config."""
     names = [f"site-{k}" for k in range(count)]
     if not (root / "data").exists():
         write_site_folders(resolve(), root / "data", names)
+        for study in STUDIES:
+            enrolment = enrol_virtual_sites(count, study, root / "enrolment" / study, days=2)
+            for k, folder in enumerate(enrolment.site_folders):
+                (root / "identities" / names[k]).mkdir(parents=True, exist_ok=True)
+                folder.rename(root / "identities" / names[k] / study)
     sites = {}
     for k, name in enumerate(names):
         policy_file = root / "policies" / f"{name}.toml"
         policy_file.parent.mkdir(parents=True, exist_ok=True)
         policy_file.write_text(policy_text(policy or SitePolicy(studies=("carefed-demo",)), policy_file))
         sites[FIRST_NODE + k] = {"site-id": k, "data": str(root / "data" / name),
-                                 "state-dir": str(root / "state" / name), "policy": str(policy_file)}
+                                 "state-dir": str(root / "state" / name), "policy": str(policy_file),
+                                 "identity": str(root / "identities" / name)}
     return sites
 
 

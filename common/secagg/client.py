@@ -6,6 +6,7 @@ an abort the session is dead. Nothing here knows about Flower.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -14,11 +15,11 @@ from enum import Enum, auto
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.secagg import keys, shamir
 from common.secagg.errors import AbortReason, SecAggAbort
+from common.secagg.identity import IdentityVerifier, SiteIdentity, advertisement_payload
 from common.secagg.prg import SEED_BYTES, MaskStream
 from common.secagg.protocol import ProtocolConfig, mask_sign, neighbours, session_id, threshold
 
@@ -31,7 +32,25 @@ class Advertisement:
     node_id: int
     c_pk: bytes  # X25519 key for encrypting shares
     s_pk: bytes  # X25519 key for pairwise masks
-    signature: bytes = b""  # Ed25519 over (round, node, c_pk, s_pk) by the site's enrolled identity
+    signature: bytes = b""  # Ed25519 by the site's enrolled identity over common.secagg.identity's payload
+    certificate: bytes = b""  # the site's identity certificate (DER), issued by the study CA
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A site's place in a study's PKI: its identity (to sign its advertisement), the verifier of its peers' (the
+    study CA it holds), and the study and run every signature is bound to. Which of these a site uses is its own
+    policy's decision, never the coordinator's."""
+
+    identity: SiteIdentity | None
+    verifier: IdentityVerifier | None
+    study_id: str
+    run_id: str
+
+    def payload(self, config: ProtocolConfig, node_id: int, c_pk: bytes, s_pk: bytes) -> bytes:
+        config_hash = hashlib.sha256(config.canonical()).digest()
+        return advertisement_payload(self.study_id, self.run_id, config.server_round, node_id, c_pk, s_pk,
+                                     config_hash)
 
 
 @dataclass(frozen=True)
@@ -54,15 +73,11 @@ def share_aad(session: bytes, sender: int, receiver: int) -> bytes:
 
 
 class ClientSession:
-    def __init__(self, node_id: int, config: ProtocolConfig, identity: Ed25519PrivateKey | None = None,
-                 trusted_identities: Mapping[int, bytes] | None = None) -> None:
+    def __init__(self, node_id: int, config: ProtocolConfig, enrolment: Enrolment | None = None) -> None:
         config.validate()
-        if config.require_signatures and trusted_identities is None:
-            raise ValueError("require_signatures needs the enrolled identity keys of the study's sites")
         self.node_id = node_id
         self.config = config
-        self.identity = identity
-        self.trusted_identities = trusted_identities or {}
+        self.enrolment = enrolment
         self.stage = Stage.ADVERTISE
         self._c_sk, self.c_pk = keys.new_key_pair()
         self._s_sk, self.s_pk = keys.new_key_pair()
@@ -109,12 +124,13 @@ class ClientSession:
     # -- stage 0 -------------------------------------------------------------------------------------------
     def advertise_keys(self) -> Advertisement:
         self._expect(Stage.ADVERTISE)
-        signature = b""
-        if self.identity is not None:
-            signature = keys.sign_advertisement(self.identity, self.config.server_round, self.node_id,
-                                                self.c_pk, self.s_pk)
+        signature, certificate = b"", b""
+        if self.enrolment is not None and self.enrolment.identity is not None:
+            identity = self.enrolment.identity
+            signature = identity.sign(self.enrolment.payload(self.config, self.node_id, self.c_pk, self.s_pk))
+            certificate = identity.certificate
         self.stage = Stage.SHARE_KEYS
-        return Advertisement(self.node_id, self.c_pk, self.s_pk, signature)
+        return Advertisement(self.node_id, self.c_pk, self.s_pk, signature, certificate)
 
     # -- stage 1 -------------------------------------------------------------------------------------------
     def share_keys(self, advertisements: Sequence[Advertisement], model_hash: bytes) -> dict[int, bytes]:
@@ -166,13 +182,12 @@ class ClientSession:
                 raise SecAggAbort(AbortReason.BAD_KEY, str(err)) from err
         if len(set(all_keys)) != len(all_keys):
             raise SecAggAbort(AbortReason.DUPLICATE_KEY)
-        if self.config.require_signatures:
-            for ad in advertisements:
-                identity = self.trusted_identities.get(ad.node_id)
-                if identity is None:
-                    raise SecAggAbort(AbortReason.BAD_SIGNATURE, f"node {ad.node_id} is not an enrolled site")
-                keys.verify_advertisement(identity, ad.signature, self.config.server_round, ad.node_id,
-                                          ad.c_pk, ad.s_pk)
+        if self.enrolment is not None and self.enrolment.verifier is not None:
+            # every peer must be a distinct site enrolled by the study CA this site holds (no invented sites)
+            self.enrolment.verifier.verify_cohort({
+                ad.node_id: (ad.certificate, ad.signature,
+                             self.enrolment.payload(self.config, ad.node_id, ad.c_pk, ad.s_pk))
+                for ad in advertisements})
 
     # -- stage 2 -------------------------------------------------------------------------------------------
     def masked_input(self, ciphertexts: Mapping[int, bytes], alive: Sequence[int],
@@ -264,13 +279,12 @@ class ClientSession:
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, object], identity: Ed25519PrivateKey | None = None,
-                   trusted_identities: Mapping[int, bytes] | None = None) -> ClientSession:
+    def from_state(cls, state: Mapping[str, object], enrolment: Enrolment | None = None) -> ClientSession:
         def ids(key: str) -> list[int]:
             return [int.from_bytes(b, "big") for b in state[key]]  # type: ignore[union-attr]
 
         config = ProtocolConfig(**json.loads(str(state["config"])))
-        session = cls(int.from_bytes(state["node"], "big"), config, identity, trusted_identities)  # type: ignore[arg-type]
+        session = cls(int.from_bytes(state["node"], "big"), config, enrolment)  # type: ignore[arg-type]
         session.stage = Stage[str(state["stage"])]
         session._c_sk = keys.private_from_bytes(state["c-sk"])  # type: ignore[arg-type]
         session._s_sk = keys.private_from_bytes(state["s-sk"])  # type: ignore[arg-type]

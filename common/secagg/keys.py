@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -69,23 +67,3 @@ def pairwise_mask_seed(private: X25519PrivateKey, peer_public: bytes, session_id
     """The seed of the pairwise mask between clients a and b (symmetric in a, b)."""
     low, high = sorted((a, b))
     return derive(agree(private, peer_public), session_id, b"carefed/mask" + node_bytes(low) + node_bytes(high))
-
-
-# Long-term site identity (enrolled at deployment): signs each round's advertised keys.
-
-def advertisement_payload(server_round: int, node_id: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    return b"carefed/advertise" + server_round.to_bytes(8, "big") + node_bytes(node_id) + c_pk + s_pk
-
-
-def sign_advertisement(identity: Ed25519PrivateKey, server_round: int, node_id: int, c_pk: bytes,
-                       s_pk: bytes) -> bytes:
-    return identity.sign(advertisement_payload(server_round, node_id, c_pk, s_pk))
-
-
-def verify_advertisement(identity_public: bytes, signature: bytes, server_round: int, node_id: int, c_pk: bytes,
-                         s_pk: bytes) -> None:
-    try:
-        Ed25519PublicKey.from_public_bytes(identity_public).verify(
-            signature, advertisement_payload(server_round, node_id, c_pk, s_pk))
-    except (InvalidSignature, ValueError) as err:
-        raise SecAggAbort(AbortReason.BAD_SIGNATURE, f"node {node_id}") from err

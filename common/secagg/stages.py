@@ -25,6 +25,7 @@ SIGNATURE_BYTES = (0, 64)  # none, or Ed25519
 NONCE_BYTES, TAG_BYTES = 12, 16
 CIPHERTEXT_BYTES = NONCE_BYTES + 2 * NODE_ID_BYTES + 2 * SHARE_BYTES + TAG_BYTES
 MAX_COHORT = 100_000  # no list in a message is longer (a site's policy bounds the cohort far lower)
+MAX_CERT_BYTES = 8192  # an identity certificate (DER) is ~500 bytes
 
 
 class Stage(StrEnum):
@@ -43,6 +44,8 @@ class Key(StrEnum):
     C_PKS = "c-pks"
     S_PKS = "s-pks"
     SIGNATURES = "signatures"
+    CERTIFICATES = "certificates"
+    CERTIFICATE = "certificate"
     SENDERS = "senders"
     CIPHERTEXTS = "ciphertexts"
     ALIVE = "alive"
@@ -90,6 +93,19 @@ class _Reader:
             raise self.fail(key, f"must be {' or '.join(map(str, sizes))} bytes")
         return value
 
+    def bytes_upto(self, key: str, most: int) -> bytes:
+        value = self.record[key]
+        if not isinstance(value, bytes) or len(value) > most:
+            raise self.fail(key, f"must be at most {most} bytes")
+        return value
+
+    def bytes_list_upto(self, key: str, most: int) -> list[bytes]:
+        value = self.record[key]
+        if not isinstance(value, list) or len(value) > MAX_COHORT \
+                or not all(isinstance(b, bytes) and len(b) <= most for b in value):
+            raise self.fail(key, f"must be a list of strings of at most {most} bytes")
+        return value
+
     def bytes_list(self, key: str, *sizes: int) -> list[bytes]:
         value = self.record[key]
         if not isinstance(value, list) or len(value) > MAX_COHORT \
@@ -118,8 +134,9 @@ class _Reader:
             raise self.fail(key, f"must be a finite number in [{low}, {high}]")
         return float(value)
 
-    def paired(self, ids_key: str, values_key: str, *sizes: int) -> dict[int, bytes]:
-        ids, values = self.ids(ids_key), self.bytes_list(values_key, *sizes)
+    def paired(self, ids_key: str, values_key: str, *sizes: int, most: int = 0) -> dict[int, bytes]:
+        ids = self.ids(ids_key)
+        values = self.bytes_list_upto(values_key, most) if most else self.bytes_list(values_key, *sizes)
         if len(ids) != len(values):
             raise self.fail(values_key, f"must have one entry per '{ids_key}'")
         return dict(zip(ids, values, strict=True))
@@ -180,12 +197,14 @@ class ShareKeysRequest:
     c_pks: dict[int, bytes]  # node -> key (ids in the order they were sent)
     s_pks: dict[int, bytes]
     signatures: dict[int, bytes]
+    certificates: dict[int, bytes]
 
     def record(self) -> dict[str, Any]:
         ids = list(self.c_pks)
         return {Key.STAGE: Stage.SHARE_KEYS, Key.ROUND: self.round, Key.MODEL_HASH: self.model_hash,
                 Key.IDS: ids_to_wire(ids), Key.C_PKS: [self.c_pks[u] for u in ids],
-                Key.S_PKS: [self.s_pks[u] for u in ids], Key.SIGNATURES: [self.signatures[u] for u in ids]}
+                Key.S_PKS: [self.s_pks[u] for u in ids], Key.SIGNATURES: [self.signatures[u] for u in ids],
+                Key.CERTIFICATES: [self.certificates[u] for u in ids]}
 
 
 @dataclass(frozen=True)
@@ -223,7 +242,7 @@ class UnmaskRequest:
 Request = AdvertiseRequest | ShareKeysRequest | MaskedInputRequest | UnmaskRequest
 _REQUEST_KEYS = {
     Stage.ADVERTISE: _COMMON | _PROTOCOL_KEYS,
-    Stage.SHARE_KEYS: _COMMON | {Key.IDS, Key.C_PKS, Key.S_PKS, Key.SIGNATURES},
+    Stage.SHARE_KEYS: _COMMON | {Key.IDS, Key.C_PKS, Key.S_PKS, Key.SIGNATURES, Key.CERTIFICATES},
     Stage.MASKED_INPUT: _COMMON | {Key.SESSION, Key.SENDERS, Key.CIPHERTEXTS, Key.ALIVE, Key.UPDATE_BOUND,
                                    Key.MAX_WEIGHT, Key.COHORT_SIZE},
     Stage.UNMASK: _COMMON | {Key.SESSION, Key.ALIVE, Key.DROPPED},
@@ -247,7 +266,8 @@ def parse_request(record: Mapping[str, Any]) -> Request:
     if stage == Stage.SHARE_KEYS:
         return ShareKeysRequest(server_round, model_hash, r.paired(Key.IDS, Key.C_PKS, KEY_BYTES),
                                 r.paired(Key.IDS, Key.S_PKS, KEY_BYTES),
-                                r.paired(Key.IDS, Key.SIGNATURES, *SIGNATURE_BYTES))
+                                r.paired(Key.IDS, Key.SIGNATURES, *SIGNATURE_BYTES),
+                                r.paired(Key.IDS, Key.CERTIFICATES, most=MAX_CERT_BYTES))
     session = r.bytes_of(Key.SESSION, DIGEST_BYTES)
     if stage == Stage.MASKED_INPUT:
         return MaskedInputRequest(server_round, model_hash, session,
@@ -263,9 +283,11 @@ class AdvertiseReply:
     c_pk: bytes
     s_pk: bytes
     signature: bytes
+    certificate: bytes  # the site's identity certificate (DER); empty where the site is not enrolled
 
     def record(self) -> dict[str, Any]:
-        return {Key.C_PK: self.c_pk, Key.S_PK: self.s_pk, Key.SIGNATURE: self.signature}
+        return {Key.C_PK: self.c_pk, Key.S_PK: self.s_pk, Key.SIGNATURE: self.signature,
+                Key.CERTIFICATE: self.certificate}
 
 
 @dataclass(frozen=True)
@@ -290,7 +312,7 @@ class UnmaskReply:
 
 Reply = AdvertiseReply | ShareKeysReply | UnmaskReply
 _REPLY_KEYS = {
-    Stage.ADVERTISE: {Key.C_PK, Key.S_PK, Key.SIGNATURE},
+    Stage.ADVERTISE: {Key.C_PK, Key.S_PK, Key.SIGNATURE, Key.CERTIFICATE},
     Stage.SHARE_KEYS: {Key.SESSION, Key.RECEIVERS, Key.CIPHERTEXTS},
     Stage.UNMASK: {Key.B_OWNERS, Key.B_SHARES, Key.S_OWNERS, Key.S_SHARES},
 }
@@ -304,7 +326,8 @@ def parse_reply(stage: Stage, record: Mapping[str, Any], max_items: int = MAX_CO
             raise r.fail(key, "is longer than the cohort")
     if stage == Stage.ADVERTISE:
         return AdvertiseReply(r.bytes_of(Key.C_PK, KEY_BYTES), r.bytes_of(Key.S_PK, KEY_BYTES),
-                              r.bytes_of(Key.SIGNATURE, *SIGNATURE_BYTES))
+                              r.bytes_of(Key.SIGNATURE, *SIGNATURE_BYTES),
+                              r.bytes_upto(Key.CERTIFICATE, MAX_CERT_BYTES))
     if stage == Stage.SHARE_KEYS:
         return ShareKeysReply(r.bytes_of(Key.SESSION, DIGEST_BYTES),
                               r.paired(Key.RECEIVERS, Key.CIPHERTEXTS, CIPHERTEXT_BYTES))

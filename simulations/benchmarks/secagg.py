@@ -139,7 +139,8 @@ class LoopbackGrid(Grid):
 def base_config() -> RunConfig:
     """Read pyproject.toml once: the benchmark runs for a long time and must not see later edits."""
     return resolve(overrides={"update-clip-norm": 2 * UPDATE_NORM, "secagg-max-weight": 1000,
-                              "secagg-min-cohort": 2, "run-name": "secagg-benchmark"})
+                              "secagg-min-cohort": 2, "run-name": "secagg-benchmark",
+                              "secagg-identities": False})  # identities: measured separately (see README)
 
 
 @lru_cache(maxsize=256)

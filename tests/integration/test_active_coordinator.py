@@ -9,7 +9,9 @@ and it aborts, rather than releasing, a sum that its contributors could not have
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +22,13 @@ from hypothesis import strategies as st
 from client.secagg_mod import SESSION_STATE, secagg_mod
 from common import messages
 from common.config import resolve
+from common.secagg.client import ClientSession, Enrolment
 from common.secagg.errors import AbortReason
+from common.secagg.identity import SiteIdentity, enrol_virtual_sites
+from common.secagg.keys import new_key_pair
+from common.secagg.protocol import ProtocolConfig
 from common.secagg.stages import Stage
-from server.secagg_round import SecAggRound
+from server.secagg_round import SecAggRound, protocol_config
 from server.training import request_content
 from simulations.benchmarks import secagg as bench
 
@@ -74,11 +80,21 @@ def _delivered(reply: Message) -> Message:
     return original
 
 
+WORK = Path(tempfile.mkdtemp(prefix="carefed-active-"))  # enrolled identities, shared by every round here
+
+
+def _config(n: int, **overrides: object):
+    """n virtual sites enrolled by this run's study CA (identities on, as a simulation runs by default)."""
+    if not (WORK / f"n{n}" / "identities").exists():
+        enrol_virtual_sites(n, "carefed-demo", WORK / f"n{n}" / "identities")
+    return resolve(overrides={"num-sites": n, "update-clip-norm": 2.0, "secagg-max-weight": 1000,
+                              "output-dir": str(WORK), "run-name": f"n{n}", **overrides})
+
+
 def _round(n: int = 8, request: Tamper | None = None, reply: Tamper | None = None, dropout_rate: float = 0.3):
     nodes = list(range(1, n + 1))
     grid = TamperingGrid(nodes, request, reply)
-    config = resolve(overrides={"num-sites": n, "update-clip-norm": 2.0, "secagg-max-weight": 1000,
-                                "secagg-dropout-rate": dropout_rate, "run-name": "active"})
+    config = _config(n, **{"secagg-dropout-rate": dropout_rate})
     content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
                               ArrayRecord({"w": Array(np.zeros(M, np.float32))}), simulation=config)
     outcome = SecAggRound(grid, config, 1, content, M, lambda node, reply_: None).run(nodes)
@@ -108,6 +124,51 @@ def _with_secagg(content: RecordDict, **changes: object) -> RecordDict:
             record[key] = value
     out[messages.SECAGG] = ConfigRecord(record)
     return out
+
+
+def _invented_sites(kind: str) -> Tamper:
+    """A coordinator that adds sites of its own to the key relay: unsigned, enrolled by another CA, or a real
+    site's advertisement replayed under a new node id (Sybil)."""
+    def relay(stage: Stage, node: int, content: RecordDict) -> RecordDict | None:
+        if stage != Stage.SHARE_KEYS:
+            return None
+        record = dict(content[messages.SECAGG])
+        if kind == "unsigned":
+            fake = [(900 + k, new_key_pair()[1], new_key_pair()[1], b"", b"") for k in range(7)]
+        elif kind == "another CA":
+            other = enrol_virtual_sites(7, "carefed-demo", Path(tempfile.mkdtemp(dir=WORK)))
+            fake = []
+            for k, folder in enumerate(other.site_folders):
+                session = ClientSession(900 + k, _protocol(), Enrolment(SiteIdentity.load(folder), None,
+                                                                       "carefed-demo", "n8"))
+                ad = session.advertise_keys()
+                fake.append((ad.node_id, ad.c_pk, ad.s_pk, ad.signature, ad.certificate))
+        else:  # a real advertisement under another node id
+            fake = [(900, record["c-pks"][0], record["s-pks"][0], record["signatures"][0], record["certificates"][0])]
+        for node_id, c_pk, s_pk, signature, certificate in fake:
+            record["ids"] = [*record["ids"], node_id.to_bytes(8, "big")]
+            for key, value in (("c-pks", c_pk), ("s-pks", s_pk), ("signatures", signature),
+                               ("certificates", certificate)):
+                record[key] = [*record[key], value]
+        out = _copy(content)
+        out[messages.SECAGG] = ConfigRecord(record)
+        return out
+
+    return relay
+
+
+def _protocol() -> ProtocolConfig:
+    return protocol_config(_config(8), 1, M)
+
+
+@pytest.mark.parametrize("kind", ["unsigned", "another CA", "replayed under another node id"])
+def test_sites_invented_by_the_coordinator_are_refused_before_any_share_is_sent(kind):
+    outcome, grid = _round(request=_invented_sites(kind))
+    assert outcome.aborted and outcome.total.contributors == 0
+    for node in range(1, 9):
+        reason = _status(grid, Stage.SHARE_KEYS, node)
+        assert reason.startswith(("BAD_SIGNATURE", "DUPLICATE_ID", "DUPLICATE_KEY")), reason
+    assert not any(messages.SECAGG in c for s, u, c in grid.seen if s == Stage.SHARE_KEYS)  # no share left
 
 
 def test_a_site_shown_another_model_at_masked_input_refuses_and_the_rest_still_aggregate():
@@ -144,7 +205,7 @@ def test_a_manipulated_masked_vector_aborts_the_round_instead_of_releasing_a_wro
         if stage != Stage.MASKED_INPUT or node != 4 or messages.MASKED_UPDATE not in content:
             return None
         masked = content[messages.MASKED_UPDATE]["masked"].numpy().copy()
-        masked[index] += np.uint32(2**31 if where == "coordinate" else 2**20)
+        masked[index] = (int(masked[index]) + (2**31 if where == "coordinate" else 2**20)) % 2**32
         out = _copy(content)
         out[messages.MASKED_UPDATE] = ArrayRecord({"masked": Array(masked)})
         return out
@@ -203,7 +264,7 @@ def test_a_second_unmask_request_is_refused():
     outcome, grid = _round(request=replay)
     assert outcome.aborted == "" and asked == list(range(1, 9))
     # the session is gone after the first unmask: asking again is refused, no share is revealed twice
-    config = resolve(overrides={"run-name": "active"})
+    config = _config(8)
     request = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
                               ArrayRecord({"w": Array(np.zeros(M, np.float32))}))
     request[messages.SECAGG] = ConfigRecord({"stage": "unmask", "round": 1, "model-hash": bytes(32),
@@ -268,8 +329,7 @@ def _context_at(prior: int) -> Context:
 def _partial_round(stages: int) -> TamperingGrid:
     """Run an honest round's first `stages` stages (0: none) and keep the grid with the sites' sessions."""
     grid = TamperingGrid([1, 2, 3, 4])
-    config = resolve(overrides={"num-sites": 4, "update-clip-norm": 2.0, "secagg-max-weight": 1000,
-                                "run-name": "active"})
+    config = _config(4)
     content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
                               ArrayRecord({"w": Array(np.zeros(M, np.float32))}), simulation=config)
     secure = SecAggRound(grid, config, 1, content, M, lambda node, reply_: None)

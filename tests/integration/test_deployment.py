@@ -21,7 +21,7 @@ from PIL import Image
 
 from common.config import resolve
 from common.data.site import global_model
-from common.deploy.certs import make_study
+from common.deploy.certs import StudyPaths, make_study
 from common.models import count_parameters
 from common.privacy import pld_epsilon
 from common.privacy.ledger import KIND_REFUSAL, PrivacyLedger
@@ -46,7 +46,8 @@ def deployed(tmp_path_factory):
         deployment.write_policies(studies=("carefed-demo", "carefed-demo-2"))  # each hospital's own file
         deployment.start_federation()
         run_id, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": ROUNDS,
-                                         "output-dir": str(work / "runs"), "run-name": "deployed"})
+                                         "output-dir": str(work / "runs"), "run-name": "deployed",
+                                         "identity-ca": str(deployment.study.ca_cert)})
         yield deployment, status
     finally:
         deployment.stop()
@@ -153,9 +154,13 @@ def test_a_coordinator_asking_beyond_a_sites_policy_is_refused_and_it_is_on_reco
 
 def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(deployed):
     deployment, _ = deployed
+    make_study(deployment.work / "study-2", sites=SITES, hosts=["localhost"], study="carefed-demo-2")
+    for site in SITES:  # each site's identity for the second study, beside its first (one folder per study id)
+        (deployment.work / "study-2" / "sites" / site).rename(deployment.study.site(site) / "carefed-demo-2")
     _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 1, "target-epsilon": 3.0,
                                 "study-id": "carefed-demo-2", "output-dir": str(deployment.work / "runs"),
-                                "run-name": "second-study"})
+                                "run-name": "second-study",
+                                "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
     assert status == "finished:completed", deployment.log("superlink")[-3000:]
     for site in SITES:
         ledger = PrivacyLedger(deployment.work / "state" / site / "ledger.sqlite", create=False)

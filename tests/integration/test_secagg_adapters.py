@@ -24,7 +24,8 @@ def _round(n: int, drop_at_stage: dict[int, int], dropout_rate: float = 0.3):
     nodes = list(range(1, n + 1))
     grid = bench.LoopbackGrid(bench.carefed_app(M), nodes, drop_at_stage)
     config = resolve(overrides={"num-sites": n, "update-clip-norm": 2.0, "secagg-max-weight": 1000,
-                                "secagg-dropout-rate": dropout_rate, "run-name": "adapters"})
+                                "secagg-dropout-rate": dropout_rate, "run-name": "adapters",
+                                "secagg-identities": False})
     content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
                               ArrayRecord({"w": bench.Array(np.zeros(M, np.float32))}), simulation=config)
     seen = []

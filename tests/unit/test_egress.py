@@ -132,9 +132,11 @@ def test_an_unmasked_update_is_refused_unless_the_site_allows_plain_updates(tmp_
 def test_secure_aggregation_stages_allow_only_their_fixed_size_fields():
     ids = [bytes(7) + b"\x03", bytes(7) + b"\x01", bytes(7) + b"\x02"]
     advertise = _request(messages.STAGE_ADVERTISE)
-    good = RecordDict({messages.SECAGG: ConfigRecord({"c-pk": bytes(32), "s-pk": bytes(32), "signature": b""})})
+    good = RecordDict({messages.SECAGG: ConfigRecord({"c-pk": bytes(32), "s-pk": bytes(32), "signature": b"",
+                                                      "certificate": b""})})
     check_reply(MessageType.TRAIN, messages.STAGE_ADVERTISE, advertise, good, plain_allowed=False)
-    smuggled = RecordDict({messages.SECAGG: ConfigRecord({"c-pk": bytes(784), "s-pk": bytes(32), "signature": b""})})
+    smuggled = RecordDict({messages.SECAGG: ConfigRecord({"c-pk": bytes(784), "s-pk": bytes(32), "signature": b"",
+                                                          "certificate": b""})})
     with pytest.raises(ReplyRefused, match="'c-pk' must be 32 bytes"):
         check_reply(MessageType.TRAIN, messages.STAGE_ADVERTISE, advertise, smuggled, plain_allowed=False)
 

@@ -194,23 +194,37 @@ def test_cohort_below_the_minimum_is_refused():
     assert _abort_reason(lambda: clients[1].share_keys(ads[:2], MODEL_HASH)) is AbortReason.COHORT_TOO_SMALL
 
 
-def test_unsigned_or_forged_advertisements_are_refused_when_sites_are_enrolled():
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    identities = {u: Ed25519PrivateKey.generate() for u in (1, 2, 3)}
-    enrolled = {u: k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-                for u, k in identities.items()}
-    config = ProtocolConfig(server_round=2, vector_length=4, require_signatures=True)
-    clients = {u: ClientSession(u, config, identities[u], enrolled) for u in (1, 2, 3)}
-    ads = [c.advertise_keys() for c in clients.values()]
-    clients[1].share_keys(ads, MODEL_HASH)  # honest: accepted
+def test_unsigned_forged_foreign_or_duplicate_advertisements_are_refused_when_sites_are_enrolled(tmp_path):
+    from common.secagg.client import Enrolment
+    from common.secagg.identity import IdentityVerifier, SiteIdentity, enrol_virtual_sites
     from common.secagg.keys import new_key_pair
 
-    forged = Advertisement(3, new_key_pair()[1], ads[2].s_pk, ads[2].signature)  # substituted key, old signature
-    fresh = ClientSession(1, config, identities[1], enrolled)
-    own = fresh.advertise_keys()
-    assert _abort_reason(lambda: fresh.share_keys([own, ads[1], forged], MODEL_HASH)) is AbortReason.BAD_SIGNATURE
+    enrolled = enrol_virtual_sites(4, "study", tmp_path / "a")
+    other_ca = enrol_virtual_sites(1, "study", tmp_path / "b")
+    verifier = IdentityVerifier(enrolled.ca_cert.read_bytes(), "study")
+
+    def enrolment(folder) -> Enrolment:
+        return Enrolment(SiteIdentity.load(folder), verifier, "study", "run-1")
+
+    config = ProtocolConfig(server_round=2, vector_length=4, require_signatures=True)
+    clients = {u: ClientSession(u, config, enrolment(enrolled.site_folders[u])) for u in (1, 2, 3)}
+    ads = [c.advertise_keys() for c in clients.values()]
+    clients[1].share_keys(ads, MODEL_HASH)  # honest: accepted
+
+    def refused(others: list[Advertisement]) -> AbortReason:
+        fresh = ClientSession(1, config, enrolment(enrolled.site_folders[1]))
+        return _abort_reason(lambda: fresh.share_keys([fresh.advertise_keys(), *others], MODEL_HASH))
+
+    swapped = Advertisement(3, new_key_pair()[1], ads[2].s_pk, ads[2].signature, ads[2].certificate)
+    assert refused([ads[1], swapped]) is AbortReason.BAD_SIGNATURE  # a substituted key under an old signature
+    assert refused([ads[1], Advertisement(3, ads[2].c_pk, ads[2].s_pk)]) is AbortReason.BAD_SIGNATURE  # unsigned
+    sybil = ClientSession(3, config, Enrolment(SiteIdentity.load(other_ca.site_folders[0]), None, "study", "run-1"))
+    assert refused([ads[1], sybil.advertise_keys()]) is AbortReason.BAD_SIGNATURE  # another CA: an invented site
+    twin = ClientSession(4, config, enrolment(enrolled.site_folders[2]))  # site 2's identity under a second node id
+    assert refused([ads[1], ads[2], twin.advertise_keys()]) is AbortReason.DUPLICATE_ID
+    replayed = ClientSession(3, ProtocolConfig(server_round=1, vector_length=4, require_signatures=True),
+                             enrolment(enrolled.site_folders[3])).advertise_keys()  # signed for another round
+    assert refused([ads[1], replayed]) is AbortReason.BAD_SIGNATURE
 
 
 def test_messages_for_another_round_or_session_are_refused():
