@@ -24,6 +24,8 @@ from common.secagg.protocol import model_digest
 from common.secagg.stages import (
     AdvertiseReply,
     AdvertiseRequest,
+    ConsistencyReply,
+    ConsistencyRequest,
     MalformedMessage,
     MaskedInputRequest,
     ShareKeysReply,
@@ -54,6 +56,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             content = _share_keys(request, session)
         elif isinstance(request, MaskedInputRequest):
             return _masked_input(msg, request, session, context, call_next)
+        elif isinstance(request, ConsistencyRequest):
+            session.enrolment = enrolment_for(context, msg.content)  # its identity signs the survivor set
+            signature = session.consistency_check(request.survivors)
+            content = RecordDict({messages.SECAGG: ConfigRecord(ConsistencyReply(signature).record())})
         else:
             content = _unmask(request, session)
             del context.state[SESSION_STATE]
@@ -84,6 +90,13 @@ def _session(context: Context, enrolment: Enrolment | None) -> ClientSession:
 
 
 def _advertise(request: AdvertiseRequest, context: Context, enrolment: Enrolment | None) -> RecordDict:
+    """Fresh keys, signed where the site is enrolled. An enrolled site (its policy) only takes part in a round that
+    runs the consistency check; a site without an identity cannot take part in one that requires it."""
+    if enrolment is not None and not request.protocol.require_signatures:
+        raise SecAggAbort(AbortReason.BAD_REQUEST, "this site's policy requires enrolled peers and the consistency "
+                                                   "check; the round has them off")
+    if enrolment is None and request.protocol.require_signatures:
+        raise SecAggAbort(AbortReason.NO_IDENTITY, "the round requires enrolled sites; this site's policy has them off")
     session = ClientSession(context.node_id, request.protocol, enrolment)
     ad = session.advertise_keys()
     context.state[SESSION_STATE] = ConfigRecord(session.to_state())
@@ -138,5 +151,5 @@ def _masked_input(msg: Message, request: MaskedInputRequest, session: ClientSess
 
 
 def _unmask(request: UnmaskRequest, session: ClientSession) -> RecordDict:
-    response = session.unmask(request.alive, request.dropped)
+    response = session.unmask(request.alive, request.dropped, request.signatures)
     return RecordDict({messages.SECAGG: ConfigRecord(UnmaskReply(response.b_shares, response.s_shares).record())})

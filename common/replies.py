@@ -87,7 +87,7 @@ def _secagg_reply(stage: str, request: RecordDict, reply: RecordDict) -> None:
         _status(reply[messages.STATUS])
         return
     _records(reply, {messages.SECAGG: ConfigRecord}, required={messages.SECAGG})
-    if stage not in {Stage.ADVERTISE, Stage.SHARE_KEYS, Stage.UNMASK}:
+    if stage not in {Stage.ADVERTISE, Stage.SHARE_KEYS, Stage.CONSISTENCY, Stage.UNMASK}:
         raise ReplyRefused(f"unknown secure-aggregation stage '{stage}'")
     try:
         parse_reply(Stage(stage), reply[messages.SECAGG], _cohort_size(request[messages.SECAGG]))
@@ -124,7 +124,7 @@ def _model_shapes(request: RecordDict) -> dict[str, tuple[int, ...]]:
 
 def _cohort_size(record: ConfigRecord) -> int:
     """The most entries a reply's lists may hold: the cohort the request names (advertise names none: 0)."""
-    for key in ("ids", "alive", "senders"):
+    for key in ("ids", "alive", "senders", "survivors"):
         if key in record and isinstance(record[key], list):
             return len(record[key]) + len(record.get("dropped", []) or [])
     return 0

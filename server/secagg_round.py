@@ -28,7 +28,14 @@ from common.secagg.errors import AbortReason, SecAggAbort
 from common.secagg.identity import IdentityVerifier
 from common.secagg.protocol import ProtocolConfig, model_digest
 from common.secagg.server import MaskedInputRequest, ServerSession, UnmaskRequest
-from common.secagg.stages import AdvertiseRequest, MalformedMessage, ShareKeysRequest, Stage, parse_reply
+from common.secagg.stages import (
+    AdvertiseRequest,
+    ConsistencyRequest,
+    MalformedMessage,
+    ShareKeysRequest,
+    Stage,
+    parse_reply,
+)
 from common.secagg.stages import MaskedInputRequest as MaskedInput
 from common.secagg.stages import UnmaskRequest as Unmask
 from common.wire import array_view
@@ -77,7 +84,8 @@ class SecAggRound:
             advertisements = self.advertise_keys(cohort)
             requests = self.share_keys(advertisements)
             unmask_request = self.masked_input(requests)
-            outcome.total = self.unmask(unmask_request)
+            signatures = self.consistency_check(unmask_request)
+            outcome.total = self.unmask(unmask_request, signatures)
         except SecAggAbort as err:
             outcome.aborted = f"{err.reason.name}: {err}"
             outcome.total = DeltaSum()
@@ -135,9 +143,20 @@ class SecAggRound:
             self.on_train_reply(node, reply)
         return self.session.receive_masked_inputs(self._masked_vectors(replies))
 
-    def unmask(self, request: UnmaskRequest) -> DeltaSum:
-        record = Unmask(self.round, self.model_hash, self.session.session, request.alive, request.dropped).record()
-        replies = self._key_stage(Stage.UNMASK, request.alive, lambda _: record, self.cohort_size)
+    def consistency_check(self, request: UnmaskRequest) -> dict[int, bytes]:
+        """Enrolled sites sign the survivor set; each will reveal shares only against t signatures of that same
+        set (Bonawitz et al. 2017, section 4), so no site can be shown a different one. Skipped without identities."""
+        if not self.protocol.require_signatures:
+            return {}
+        record = ConsistencyRequest(self.round, self.model_hash, self.session.session, request.alive).record()
+        replies = self._key_stage(Stage.CONSISTENCY, request.alive, lambda _: record, self.cohort_size)
+        return {u: reply.signature for u, reply in sorted(replies.items())}
+
+    def unmask(self, request: UnmaskRequest, signatures: dict[int, bytes]) -> DeltaSum:
+        record = Unmask(self.round, self.model_hash, self.session.session, request.alive, request.dropped,
+                        signatures).record()
+        asked = list(signatures) if self.protocol.require_signatures else request.alive  # those that signed
+        replies = self._key_stage(Stage.UNMASK, asked, lambda _: record, self.cohort_size)
         total = self.session.receive_unmasking(
             {u: UnmaskResponse(r.b_shares, r.s_shares) for u, r in replies.items()})
         result = self._decode(total, len(request.alive))

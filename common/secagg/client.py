@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.secagg import keys, shamir
 from common.secagg.errors import AbortReason, SecAggAbort
-from common.secagg.identity import IdentityVerifier, SiteIdentity, advertisement_payload
+from common.secagg.identity import (
+    IdentityVerifier,
+    SiteIdentity,
+    advertisement_payload,
+    consistency_payload,
+    signature_valid,
+)
 from common.secagg.prg import SEED_BYTES, MaskStream
 from common.secagg.protocol import ProtocolConfig, mask_sign, neighbours, session_id, threshold
 
@@ -63,6 +69,7 @@ class Stage(Enum):
     ADVERTISE = auto()
     SHARE_KEYS = auto()
     MASKED_INPUT = auto()
+    CONSISTENCY = auto()  # enrolled sites only: sign the survivor set before revealing any share
     UNMASK = auto()
     DONE = auto()
     ABORTED = auto()
@@ -90,6 +97,8 @@ class ClientSession:
         self._own_shares: tuple[int, int] = (0, 0)
         self._received: dict[int, tuple[int, int]] = {}  # sender -> (b_share, s_share) addressed to us
         self._alive_at_masking: frozenset[int] = frozenset()
+        self._peer_keys: dict[int, bytes] = {}  # enrolled peers' identity keys, verified at key sharing
+        self._signed_survivors: frozenset[int] = frozenset()  # the survivor set this site signed
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _expect(self, stage: Stage) -> None:
@@ -115,6 +124,11 @@ class ClientSession:
         """The model received for training must be the one bound into the session at key sharing."""
         self._guard(AbortReason.MODEL_MISMATCH, bool(self.model_hash) and digest == self.model_hash,
                     "the model differs from the one bound at key sharing")
+
+    @property
+    def enrolled(self) -> bool:
+        """This site checks its peers' identities (its policy's choice); then it also runs the consistency check."""
+        return self.enrolment is not None and self.enrolment.verifier is not None
 
     @property
     def holders(self) -> frozenset[int]:
@@ -182,12 +196,13 @@ class ClientSession:
                 raise SecAggAbort(AbortReason.BAD_KEY, str(err)) from err
         if len(set(all_keys)) != len(all_keys):
             raise SecAggAbort(AbortReason.DUPLICATE_KEY)
-        if self.enrolment is not None and self.enrolment.verifier is not None:
+        if self.enrolled:
             # every peer must be a distinct site enrolled by the study CA this site holds (no invented sites)
-            self.enrolment.verifier.verify_cohort({
+            peers = self.enrolment.verifier.verify_cohort({  # type: ignore[union-attr]
                 ad.node_id: (ad.certificate, ad.signature,
-                             self.enrolment.payload(self.config, ad.node_id, ad.c_pk, ad.s_pk))
+                             self.enrolment.payload(self.config, ad.node_id, ad.c_pk, ad.s_pk))  # type: ignore[union-attr]
                 for ad in advertisements})
+            self._peer_keys = {node: peer.public_key_bytes for node, peer in peers.items()}
 
     # -- stage 2 -------------------------------------------------------------------------------------------
     def masked_input(self, ciphertexts: Mapping[int, bytes], alive: Sequence[int],
@@ -217,8 +232,35 @@ class ClientSession:
             seed = keys.pairwise_mask_seed(self._s_sk, self._keys[peer][1], self.session, self.node_id, peer)
             (stream.add if mask_sign(self.node_id, peer) > 0 else stream.subtract)(masked, seed)
         self._alive_at_masking = alive_set
-        self.stage = Stage.UNMASK
+        self.stage = Stage.CONSISTENCY if self._peer_keys else Stage.UNMASK  # enrolled at key sharing
         return masked
+
+    # -- stage 2b (enrolled sites) ---------------------------------------------------------------------------
+    def consistency_check(self, survivors: Sequence[int]) -> bytes:
+        """Sign the survivor set the server announced (Bonawitz et al. 2017, section 4). Shares are revealed only
+        against t signatures of this same set, so the server cannot show different sites different sets."""
+        self._expect(Stage.CONSISTENCY)
+        survivor_set = frozenset(survivors)
+        self._guard(AbortReason.DUPLICATE_ID, len(survivor_set) == len(survivors), "in the survivor list")
+        self._guard(AbortReason.SELF_MISSING, self.node_id in survivor_set, "not in the survivor list")
+        self._guard(AbortReason.UNKNOWN_ID, survivor_set <= self._alive_at_masking,
+                    "survivors that were not alive when we masked")
+        self._guard(AbortReason.TOO_FEW_CLIENTS, len(survivor_set & self.holders) >= self.threshold,
+                    "fewer surviving holders than t")
+        self._signed_survivors = survivor_set
+        self.stage = Stage.UNMASK
+        identity = self.enrolment.identity  # type: ignore[union-attr]
+        self._guard(AbortReason.NO_IDENTITY, identity is not None, "no identity to sign with")
+        return identity.sign(consistency_payload(self.session, self.config.server_round, sorted(survivor_set)))
+
+    def _check_consistency(self, alive: frozenset[int], signatures: Mapping[int, bytes]) -> None:
+        self._guard(AbortReason.INCONSISTENT_VIEW, alive == self._signed_survivors,
+                    "the unmask request names another survivor set than the one this site signed")
+        payload = consistency_payload(self.session, self.config.server_round, sorted(alive))
+        valid = {u for u, sig in signatures.items()
+                 if u in alive and u in self._peer_keys and signature_valid(self._peer_keys[u], sig, payload)}
+        self._guard(AbortReason.INCONSISTENT_VIEW, len(valid) >= self.threshold,
+                    f"{len(valid)} valid signatures on the survivor set < t={self.threshold}")
 
     def _decrypt_share(self, sender: int, blob: bytes) -> tuple[int, int]:
         try:
@@ -235,10 +277,14 @@ class ClientSession:
         return shamir.share_from_bytes(b_raw), shamir.share_from_bytes(s_raw)
 
     # -- stage 3 -------------------------------------------------------------------------------------------
-    def unmask(self, alive: Sequence[int], dropped: Sequence[int]) -> UnmaskResponse:
-        """Reveal b-shares of survivors and s-shares of dropped clients: never both for one client."""
+    def unmask(self, alive: Sequence[int], dropped: Sequence[int],
+               signatures: Mapping[int, bytes] | None = None) -> UnmaskResponse:
+        """Reveal b-shares of survivors and s-shares of dropped clients: never both for one client. An enrolled
+        site first needs t valid signatures of other sites on exactly this survivor set."""
         self._expect(Stage.UNMASK)
         alive_set, dropped_set = frozenset(alive), frozenset(dropped)
+        if self._peer_keys:  # this site verified its peers' identities: it also insists on their consistency
+            self._check_consistency(alive_set, signatures or {})
         self._guard(AbortReason.DUPLICATE_ID, len(alive_set) == len(alive) and len(dropped_set) == len(dropped))
         self._guard(AbortReason.ALIVE_AND_DROPPED, not alive_set & dropped_set,
                     f"nodes {sorted(alive_set & dropped_set)[:5]}")
@@ -276,6 +322,9 @@ class ClientSession:
             "received-b": [shamir.share_to_bytes(self._received[u][0]) for u in received],
             "received-s": [shamir.share_to_bytes(self._received[u][1]) for u in received],
             "alive-at-masking": [keys.node_bytes(u) for u in sorted(self._alive_at_masking)],
+            "peer-ids": [keys.node_bytes(u) for u in sorted(self._peer_keys)],
+            "peer-keys": [self._peer_keys[u] for u in sorted(self._peer_keys)],
+            "signed-survivors": [keys.node_bytes(u) for u in sorted(self._signed_survivors)],
         }
 
     @classmethod
@@ -302,4 +351,6 @@ class ClientSession:
             for u, b, s in zip(ids("received-from"), state["received-b"], state["received-s"], strict=True)  # type: ignore[arg-type]
         }
         session._alive_at_masking = frozenset(ids("alive-at-masking"))
+        session._peer_keys = dict(zip(ids("peer-ids"), (bytes(k) for k in state["peer-keys"]), strict=True))  # type: ignore[union-attr]
+        session._signed_survivors = frozenset(ids("signed-survivors"))
         return session

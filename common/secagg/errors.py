@@ -23,6 +23,7 @@ class AbortReason(StrEnum):
     BAD_INPUT = "the update does not fit the protocol (size or bound)"
     MODEL_MISMATCH = "the global model is not the one the session was bound to"
     BAD_REQUEST = "a stage request does not follow its schema"
+    INCONSISTENT_VIEW = "fewer than t sites signed the same survivor set (sites may have been shown different ones)"
     NO_IDENTITY = "this site's policy requires enrolled identities, and it has none for this study"
     # server-side
     NOT_ENOUGH_SURVIVORS = "fewer than the threshold survived a stage"

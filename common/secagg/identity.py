@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -245,6 +245,21 @@ class IdentityVerifier:
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         peer = VerifiedPeer(name, raw, certificate_fingerprint(cert_der))
         return _Verified(peer, key, cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def consistency_payload(session: bytes, server_round: int, survivors: Sequence[int]) -> bytes:
+    """What each site signs before revealing any share: this session's survivor set (ids sorted, length-prefixed)."""
+    return b"".join([_text("carefed/consistency/v1"), _blob(session), _uint64(server_round),
+                     *(_uint64(u) for u in sorted(survivors))])
+
+
+def signature_valid(public_key: bytes, signature: bytes, payload: bytes) -> bool:
+    """An Ed25519 signature by a key already verified against the study CA (see IdentityVerifier)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, payload)
+        return True
+    except (InvalidSignature, TypeError, ValueError):
+        return False
 
 
 def refuse_duplicate_identities(peers: Mapping[int, VerifiedPeer]) -> None:

@@ -32,6 +32,7 @@ class Stage(StrEnum):
     ADVERTISE = "advertise-keys"
     SHARE_KEYS = "share-keys"
     MASKED_INPUT = "masked-input"
+    CONSISTENCY = "consistency-check"
     UNMASK = "unmask"
 
 
@@ -61,6 +62,8 @@ class Key(StrEnum):
     B_SHARES = "b-shares"
     S_OWNERS = "s-owners"
     S_SHARES = "s-shares"
+    SURVIVORS = "survivors"
+    SIGNERS = "signers"
 
 
 PROTOCOL_PREFIX = "protocol-"
@@ -227,25 +230,42 @@ class MaskedInputRequest:
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    """Enrolled sites: sign the survivor set before any share is revealed."""
+
+    round: int
+    model_hash: bytes
+    session: bytes
+    survivors: list[int]
+
+    def record(self) -> dict[str, Any]:
+        return {Key.STAGE: Stage.CONSISTENCY, Key.ROUND: self.round, Key.MODEL_HASH: self.model_hash,
+                Key.SESSION: self.session, Key.SURVIVORS: ids_to_wire(self.survivors)}
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
     round: int
     model_hash: bytes
     session: bytes
     alive: list[int]
     dropped: list[int]
+    signatures: dict[int, bytes]  # signer -> its signature on the survivor set (empty without identities)
 
     def record(self) -> dict[str, Any]:
         return {Key.STAGE: Stage.UNMASK, Key.ROUND: self.round, Key.MODEL_HASH: self.model_hash,
-                Key.SESSION: self.session, Key.ALIVE: ids_to_wire(self.alive), Key.DROPPED: ids_to_wire(self.dropped)}
+                Key.SESSION: self.session, Key.ALIVE: ids_to_wire(self.alive), Key.DROPPED: ids_to_wire(self.dropped),
+                Key.SIGNERS: ids_to_wire(list(self.signatures)), Key.SIGNATURES: list(self.signatures.values())}
 
 
-Request = AdvertiseRequest | ShareKeysRequest | MaskedInputRequest | UnmaskRequest
+Request = AdvertiseRequest | ShareKeysRequest | MaskedInputRequest | ConsistencyRequest | UnmaskRequest
 _REQUEST_KEYS = {
     Stage.ADVERTISE: _COMMON | _PROTOCOL_KEYS,
     Stage.SHARE_KEYS: _COMMON | {Key.IDS, Key.C_PKS, Key.S_PKS, Key.SIGNATURES, Key.CERTIFICATES},
     Stage.MASKED_INPUT: _COMMON | {Key.SESSION, Key.SENDERS, Key.CIPHERTEXTS, Key.ALIVE, Key.UPDATE_BOUND,
                                    Key.MAX_WEIGHT, Key.COHORT_SIZE},
-    Stage.UNMASK: _COMMON | {Key.SESSION, Key.ALIVE, Key.DROPPED},
+    Stage.CONSISTENCY: _COMMON | {Key.SESSION, Key.SURVIVORS},
+    Stage.UNMASK: _COMMON | {Key.SESSION, Key.ALIVE, Key.DROPPED, Key.SIGNERS, Key.SIGNATURES},
 }
 
 
@@ -274,7 +294,10 @@ def parse_request(record: Mapping[str, Any]) -> Request:
                                   r.paired(Key.SENDERS, Key.CIPHERTEXTS, CIPHERTEXT_BYTES), r.ids(Key.ALIVE),
                                   r.number(Key.UPDATE_BOUND, 1e-12, 1e12), r.number(Key.MAX_WEIGHT, 1, 2**31 - 1),
                                   r.integer(Key.COHORT_SIZE, 1, MAX_COHORT))
-    return UnmaskRequest(server_round, model_hash, session, r.ids(Key.ALIVE), r.ids(Key.DROPPED))
+    if stage == Stage.CONSISTENCY:
+        return ConsistencyRequest(server_round, model_hash, session, r.ids(Key.SURVIVORS))
+    return UnmaskRequest(server_round, model_hash, session, r.ids(Key.ALIVE), r.ids(Key.DROPPED),
+                         r.paired(Key.SIGNERS, Key.SIGNATURES, SIGNATURE_BYTES[1]))
 
 
 # -- replies (site -> server) -----------------------------------------------------------------------------------
@@ -310,10 +333,19 @@ class UnmaskReply:
                 Key.S_OWNERS: ids_to_wire(list(self.s_shares)), Key.S_SHARES: list(self.s_shares.values())}
 
 
-Reply = AdvertiseReply | ShareKeysReply | UnmaskReply
+@dataclass(frozen=True)
+class ConsistencyReply:
+    signature: bytes  # Ed25519 over common.secagg.identity.consistency_payload
+
+    def record(self) -> dict[str, Any]:
+        return {Key.SIGNATURE: self.signature}
+
+
+Reply = AdvertiseReply | ShareKeysReply | ConsistencyReply | UnmaskReply
 _REPLY_KEYS = {
     Stage.ADVERTISE: {Key.C_PK, Key.S_PK, Key.SIGNATURE, Key.CERTIFICATE},
     Stage.SHARE_KEYS: {Key.SESSION, Key.RECEIVERS, Key.CIPHERTEXTS},
+    Stage.CONSISTENCY: {Key.SIGNATURE},
     Stage.UNMASK: {Key.B_OWNERS, Key.B_SHARES, Key.S_OWNERS, Key.S_SHARES},
 }
 
@@ -331,6 +363,8 @@ def parse_reply(stage: Stage, record: Mapping[str, Any], max_items: int = MAX_CO
     if stage == Stage.SHARE_KEYS:
         return ShareKeysReply(r.bytes_of(Key.SESSION, DIGEST_BYTES),
                               r.paired(Key.RECEIVERS, Key.CIPHERTEXTS, CIPHERTEXT_BYTES))
+    if stage == Stage.CONSISTENCY:
+        return ConsistencyReply(r.bytes_of(Key.SIGNATURE, SIGNATURE_BYTES[1]))
     if stage == Stage.UNMASK:
         return UnmaskReply(r.paired(Key.B_OWNERS, Key.B_SHARES, SHARE_BYTES),
                            r.paired(Key.S_OWNERS, Key.S_SHARES, SHARE_BYTES))

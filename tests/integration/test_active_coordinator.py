@@ -33,7 +33,7 @@ from server.training import request_content
 from simulations.benchmarks import secagg as bench
 
 M = 64
-STAGES = [Stage.ADVERTISE, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+STAGES = [Stage.ADVERTISE, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK]
 Tamper = Callable[[Stage, int, RecordDict], RecordDict | None]
 
 
@@ -268,7 +268,8 @@ def test_a_second_unmask_request_is_refused():
     request = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
                               ArrayRecord({"w": Array(np.zeros(M, np.float32))}))
     request[messages.SECAGG] = ConfigRecord({"stage": "unmask", "round": 1, "model-hash": bytes(32),
-                                             "session": bytes(32), "alive": [], "dropped": []})
+                                             "session": bytes(32), "alive": [], "dropped": [], "signers": [],
+                                             "signatures": []})
     reply = secagg_mod(Message(request, 1, "train", group_id="1"), grid.contexts[1], _no_training)
     assert reply.content[messages.STATUS]["reason"].startswith("WRONG_STAGE")
 
@@ -301,7 +302,7 @@ def _legal(value: object) -> bool:
 
 @settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(stage=st.sampled_from([*list(Stage), "nonsense"]), fields=st.dictionaries(KEYS, VALUES, max_size=12),
-       prior=st.sampled_from(list(range(4))))
+       prior=st.sampled_from(list(range(5))))
 def test_any_request_into_the_mod_gets_a_reply_or_a_named_refusal(stage, fields, prior):
     context = _context_at(prior)
     record = {k: v for k, v in {**fields, "stage": stage}.items() if _legal(v)}
@@ -338,7 +339,9 @@ def _partial_round(stages: int) -> TamperingGrid:
         if stages >= 2:
             requests = secure.share_keys(relay)
             if stages >= 3:
-                secure.masked_input(requests)
+                unmask = secure.masked_input(requests)
+                if stages >= 4:
+                    secure.consistency_check(unmask)
     return grid
 
 
