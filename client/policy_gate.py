@@ -61,9 +61,14 @@ def admit(message_type: str, content: RecordDict, context: Context) -> Admission
     policy = site_policy(context, config, site)
     policy.check_study(request.study, request.privacy, request.secagg)
     if message_type == MessageType.EVALUATE:
+        if messages.SECAGG in content:
+            raise RequestError("an evaluation request carries a secure-aggregation stage")
         policy.check_evaluation()
     elif message_type != MessageType.TRAIN:
         raise RequestError(f"message type '{message_type}' is not part of the protocol")
+    elif messages.SECAGG not in content and (request.secagg.secagg or policy.secagg_required):
+        raise PolicyRefusal("secagg", "a training request outside secure aggregation",
+                            "training only inside a secure-aggregation round")
     _check_cohort(content, policy, request)
     return Admission(request, policy, config, site, state_dir(context, config, site), request_round(content))
 
@@ -224,9 +229,12 @@ def _record_refusal(content: RecordDict, context: Context, reason: str, dataset:
         site = site_id(context)
         folder = state_dir(context, _deployed_defaults(), site) if not is_simulated(context) \
             else simulated_site_folder(context, content)
-        server_round = request_round(content)
     except (CareFedError, ValueError):
         folder = None
+    try:
+        server_round = request_round(content)
+    except RequestError:
+        server_round = -1  # recorded all the same: a bad round number must not hide a refusal
     if folder is None:
         return  # no folder to record in (a misconfigured SuperNode, or a request without a run): the reply says it
     # the reply still refuses where the folder is unwritable (and such a site trains nothing either)

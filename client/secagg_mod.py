@@ -117,6 +117,7 @@ def _masked_input(msg: Message, request: MaskedInputRequest, session: ClientSess
     model = msg.content.get(messages.GLOBAL_MODEL)
     if not isinstance(model, ArrayRecord):
         raise SecAggAbort(AbortReason.BAD_REQUEST, "no global model")
+    session.expect_masking()  # once per round, never replayed
     session.expect_model(model_digest([arr.data for arr in model.values()]))  # before any data is touched
     trained = call_next(msg, context)  # the ClientApp's own train handler: DP-SGD, budget check, privacy report
     if trained.has_error():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -95,17 +96,18 @@ def site_ledger(admission: Admission) -> PrivacyLedger:
     return PrivacyLedger(admission.state_dir / "ledger.sqlite")
 
 
-def load_privacy(context: Context, ledger: PrivacyLedger | None = None, run_id: str = "",
-                 site: int = -1) -> SitePrivacy | None:
-    """The site's privacy state: from Context.state, or (after a restart) from its ledger's last entry."""
+def load_privacy(context: Context, ledger: PrivacyLedger, run_key: str, site: int, run: str) -> SitePrivacy | None:
+    """This run's privacy state. The ledger is the source of truth (its last entry for this run and site holds
+    the whole history, whatever Flower context or process asks); Context.state only caches a calibration that
+    has not trained yet, and only for the run it was made for."""
+    last = ledger.last(run, site)
+    if last is not None:
+        return SitePrivacy(last.budget, last.delta, last.noise_multiplier, last.sample_rate, last.steps_round,
+                           last.clip_norm, last.planned_rounds, list(last.history))
     record = context.state.get(PRIVACY_STATE)
-    if record is not None:
+    if record is not None and record.get("run") == run_key and not record.get("history-steps"):
         return SitePrivacy.from_record(dict(record))
-    last = ledger.last(run_id, site) if ledger is not None else None
-    if last is None:
-        return None
-    return SitePrivacy(last.budget, last.delta, last.noise_multiplier, last.sample_rate, last.steps_round,
-                       last.clip_norm, last.planned_rounds, list(last.history))
+    return None
 
 
 def ledger_entry(admission: Admission, privacy: SitePrivacy, dataset: str, lifetime_epsilon: float,
@@ -149,6 +151,60 @@ def lifetime_spent(admission: Admission, ledger: PrivacyLedger, privacy: SitePri
     return epsilon(others + tuple(privacy.history), admission.policy.max_delta)
 
 
+MAX_PLANNED_STEPS = 50_000  # DP-SGD steps one run may plan at one site: calibration stays bounded in time
+
+
+def global_model_for(admission: Admission, content: RecordDict) -> torch.nn.Module:
+    """The study's model with the coordinator's weights; a model that is not the study's is refused by name."""
+    arrays = content.get(messages.GLOBAL_MODEL)
+    model = model_for(admission.request.study)
+    if not isinstance(arrays, ArrayRecord):
+        raise RequestError("the training request carries no global model")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if {k: tuple(int(d) for d in a.shape) for k, a in arrays.items()} != expected:
+        raise RequestError("the global model's parameters do not fit the study section's model")
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise RequestError(f"the global model cannot be loaded ({type(err).__name__})") from None
+    return model
+
+
+def check_run(admission: Admission, ledger: PrivacyLedger) -> None:
+    """Against the site's ledger, before any data is read: a round is trained once and in order, a run name
+    belongs to one study, and a run keeps its privacy unit."""
+    config, server_round = admission.config, admission.server_round
+    spends = ledger.spends()
+    if any(e.run_id == config.run_name and e.study != config.study_id for e in spends):
+        raise PolicyRefusal("run-name", config.run_name, "a run name that no other study has used at this site")
+    last = ledger.last(config.run_name, admission.site)
+    if last is not None and server_round <= last.round:
+        raise PolicyRefusal("round", server_round, f"a round after {last.round}, the last this run trained here")
+    if last is not None and last.unit != config.privacy_unit:
+        raise PolicyRefusal("privacy-unit", config.privacy_unit, f"'{last.unit}' for the whole run")
+
+
+def run_privacy(context: Context, ledger: PrivacyLedger, admission: Admission, data: SiteData,
+                run_key: str) -> SitePrivacy:
+    """This run's privacy state (from the ledger, or calibrated now), and the recipe it was calibrated for: a
+    changed batch size, number of local epochs or data size within a run is refused by name."""
+    config, site = admission.config, admission.site
+    units = len(np.unique(data.train_patients)) if config.privacy_unit == "patient" else data.num_train
+    per_batch = patients_per_batch(config, data) if config.privacy_unit == "patient" else config.batch_size
+    batches = math.ceil(units / per_batch)
+    if batches * config.local_epochs * config.planned_rounds > MAX_PLANNED_STEPS:
+        raise PolicyRefusal("planned-steps", batches * config.local_epochs * config.planned_rounds,
+                            f"at most {MAX_PLANNED_STEPS} DP-SGD steps planned per run")
+    privacy = load_privacy(context, ledger, run_key, site, config.run_name)
+    if privacy is None:
+        privacy = calibrate_site(config, data, site)
+        save_privacy(context, privacy, run_key)
+    elif (privacy.sample_rate, privacy.steps_per_round) != (1.0 / batches, batches * config.local_epochs):
+        raise PolicyRefusal("batch-size", f"batch-size {config.batch_size}, local-epochs {config.local_epochs} on "
+                            "this data", "the recipe this run was calibrated for")
+    return privacy
+
+
 def calibrate_site(config: RunConfig, data: SiteData, site: int) -> SitePrivacy:
     """The site's noise for the planned run, from what it samples (images, or patients at patient level)."""
     patient_unit = config.privacy_unit == "patient"
@@ -160,8 +216,8 @@ def calibrate_site(config: RunConfig, data: SiteData, site: int) -> SitePrivacy:
         max_grad_norm=config.max_grad_norm)
 
 
-def save_privacy(context: Context, privacy: SitePrivacy) -> None:
-    context.state[PRIVACY_STATE] = ConfigRecord(privacy.to_record())
+def save_privacy(context: Context, privacy: SitePrivacy, run_key: str) -> None:
+    context.state[PRIVACY_STATE] = ConfigRecord({**privacy.to_record(), "run": run_key})
 
 
 def privacy_report(site: int, privacy: SitePrivacy, max_images_per_patient: int,
@@ -207,9 +263,13 @@ def record_placement(context: Context, config: RunConfig, site: int, server_roun
 
 
 def train_site(content: RecordDict, context: Context) -> RecordDict:
-    """Run one round at this site: admit the request, check every budget, train with DP-SGD, reply."""
+    """Run one round at this site: admit the request, check the run against the ledger, check every budget, train
+    with DP-SGD, reply. Each refusal is named and recorded before anything more is touched."""
     try:
         admission = admit(MessageType.TRAIN, content, context)
+        model = global_model_for(admission, content)  # before any data: the model must be the study's
+        ledger = site_ledger(admission)
+        check_run(admission, ledger)
     except GATE_ERRORS as err:
         return refuse(content, context, err)
     config, site = admission.config, admission.site
@@ -217,12 +277,11 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     record_placement(context, config, site, admission.server_round)
     data = site_data(context, admission)
     max_per_patient = int(np.bincount(data.train_patients).max()) if data.num_train else 0
-    privacy, ledger = None, None
+    privacy = None
     if config.dp:
-        ledger = site_ledger(admission)
-        privacy = load_privacy(context, ledger, config.run_name, site) or calibrate_site(config, data, site)
-        save_privacy(context, privacy)
+        run_key = f"{config.study_id}/{config.run_name}"
         try:
+            privacy = run_privacy(context, ledger, admission, data, run_key)
             if not privacy.can_afford_next_round():
                 raise PolicyRefusal("num-server-rounds", f"a round spending epsilon "
                                     f"{privacy.epsilon_after_next_round():.3f} (spent {privacy.epsilon():.3f})",
@@ -230,11 +289,10 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
             check_budgets(admission, ledger, privacy)
         except PolicyRefusal as err:
             refusal = refuse(content, context, err, data.fingerprint)
-            refusal[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient)
+            if privacy is not None:
+                refusal[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient)
             return refusal
 
-    model = model_for(admission.request.study)
-    model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
     model.to(site_device(config))
     generator = noise_generator(context, config, site, admission.server_round)
     secure = not is_simulated(context)
@@ -253,8 +311,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
             "site": site, "num-examples": update.num_examples, "steps": update.steps, "update-clipped": int(clipped),
         }),
     })
-    if privacy is not None and ledger is not None:
-        save_privacy(context, privacy)
+    if privacy is not None:
         # the round's ledger entry is committed before the update can leave the site
         entry = ledger.append(ledger_entry(admission, privacy, data.fingerprint,
                                            lifetime_spent(admission, ledger, privacy), max_per_patient))
@@ -266,12 +323,11 @@ def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the global model on this site's local test split (never used for training)."""
     try:
         admission = admit(MessageType.EVALUATE, content, context)
+        model = global_model_for(admission, content)  # before any data is read
     except GATE_ERRORS as err:
         return refuse(content, context, err)
     torch.set_num_threads(admission.config.client_threads)
     data = site_data(context, admission)
-    model = model_for(admission.request.study)
-    model.load_state_dict(content[messages.GLOBAL_MODEL].to_torch_state_dict())
     loss, accuracy = evaluate_model(model.to(site_device(admission.config)), data.test_x, data.test_y)
     return RecordDict({messages.EVAL_METRICS: MetricRecord({
         "site": admission.site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,

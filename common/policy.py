@@ -21,8 +21,8 @@ from common.study import PrivacySection, SecAggSection, StudySection
 PRIVACY_UNITS = ("image", "patient")  # weakest first: a patient-level policy refuses image-level training
 # Hard ceilings on what a policy itself may allow: they keep noise calibration bounded in time and memory
 # (the PRV accountant's cost grows with epsilon) and rule out values no privacy officer should sign.
-MAX_STUDY_EPSILON = 30.0
-MAX_LIFETIME_EPSILON = 100.0
+MAX_STUDY_EPSILON = 20.0
+MAX_LIFETIME_EPSILON = 50.0
 MAX_DELTA = 1e-3
 
 

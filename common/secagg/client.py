@@ -120,6 +120,11 @@ class ClientSession:
             self._guard(AbortReason.WRONG_SESSION, bool(self.session) and session == self.session,
                         "missing or another session id")
 
+    def expect_masking(self) -> None:
+        """Before any training for this round: the session must be at its masked-input stage (so a replayed
+        masked-input request cannot make the site train, and spend, twice)."""
+        self._expect(Stage.MASKED_INPUT)
+
     def expect_model(self, digest: bytes) -> None:
         """The model received for training must be the one bound into the session at key sharing."""
         self._guard(AbortReason.MODEL_MISMATCH, bool(self.model_hash) and digest == self.model_hash,

@@ -1,5 +1,7 @@
 """A site's round through the real ClientApp handler with a real Flower Context (no engine)."""
 
+import dataclasses
+
 import pytest
 from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 
@@ -11,6 +13,9 @@ from server.training import request_content
 
 
 def _content(config, server_round: int = 1) -> RecordDict:
+    """A plain training request: these tests exercise the train handler, so the study runs without secure
+    aggregation (a site whose policy requires it refuses such a request: see test_evil_coordinator)."""
+    config = config.replace(secagg=False)
     request = config.site_request(num_classes=10, channels=1, image_size=28)
     model = ArrayRecord(build_model("cnn", in_channels=1, num_classes=10, image_size=28).state_dict())
     return request_content(request, server_round, model, simulation=config)
@@ -34,19 +39,35 @@ def test_a_site_over_its_budget_refuses_and_sends_no_update(make_config):
     assert "PolicyRefusal: policy refuses num-server-rounds" in second[messages.STATUS]["reason"]
     assert messages.UPDATE not in second
     assert second[messages.PRIVACY_REPORT]["epsilon"] == spent  # nothing more was spent
-    assert load_privacy(context).steps_total == first[messages.PRIVACY_REPORT]["steps-total"]
+    ledger = site_ledger(admit(MessageType.TRAIN, _content(config, 2), context))
+    assert load_privacy(context, ledger, "carefed-demo/test-run", 1, "test-run").steps_total == \
+        first[messages.PRIVACY_REPORT]["steps-total"]
 
 
-def test_privacy_state_survives_in_context_state(make_config):
+def test_the_ledger_not_the_flower_context_holds_a_runs_privacy_state(make_config):
     config = make_config(num_sites=4, num_server_rounds=2)
     context = _context()
     train_site(_content(config, 1), context)
-    assert PRIVACY_STATE in context.state
-    privacy = load_privacy(context)
-    save_privacy(context, privacy)
-    assert load_privacy(context) == privacy
+    assert PRIVACY_STATE in context.state  # the calibration is cached for this run only
+    ledger = site_ledger(admit(MessageType.TRAIN, _content(config, 2), context))
+    privacy = load_privacy(context, ledger, "carefed-demo/test-run", 1, "test-run")
+    stale = dataclasses.replace(privacy, history=[])  # a context from before the first round, or another run
+    save_privacy(context, stale, "carefed-demo/test-run")
+    assert load_privacy(context, ledger, "carefed-demo/test-run", 1, "test-run") == privacy  # the ledger wins
     report = train_site(_content(config, 2), context)[messages.PRIVACY_REPORT]
     assert report["steps-total"] == 2 * report["steps-round"]
+
+
+def test_a_replayed_round_and_a_changed_recipe_are_refused_by_name_and_recorded(make_config):
+    config = make_config(num_sites=4, num_server_rounds=3)
+    context = _context()
+    train_site(_content(config, 1), context)
+    again = train_site(_content(config, 1), context)[messages.STATUS]
+    assert again["state"] == messages.STATE_REFUSED and "policy refuses round: asked 1" in again["reason"]
+    changed = train_site(_content(config.replace(batch_size=16), 2), context)[messages.STATUS]
+    assert changed["state"] == messages.STATE_REFUSED and "policy refuses batch-size" in changed["reason"]
+    ledger = site_ledger(admit(MessageType.TRAIN, _content(config, 2), context))
+    assert [e.kind for e in ledger.entries()] == ["round", "refusal", "refusal"] and ledger.verify().ok
 
 
 def test_updates_are_clipped_to_the_declared_bound_and_flagged(make_config):
