@@ -41,7 +41,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     probability = {
         messages.STAGE_ADVERTISE: config.dropout_advertise, messages.STAGE_SHARE_KEYS: config.dropout_share_keys,
         messages.STAGE_MASKED_INPUT: config.dropout_masked_input, messages.STAGE_UNMASK: config.dropout_unmask,
-    }[stage]
+    }.get(stage, 0.0)  # the consistency check: no scenario drops sites there (yet)
     if _draw(config, server_round, site, stage) < probability:
         raise SimulatedDropout(f"site {site} dropped out at stage '{stage}' of round {server_round} (scenario)")
     reply = call_next(msg, context)

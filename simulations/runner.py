@@ -24,14 +24,29 @@ def validate_inputs(config: RunConfig, *, check_sites: bool = True) -> None:
     """Fail fast, before any folder is created, on data or partitions that cannot work."""
     config = resolve_partitioning(config)
     check_partitions(config, load_source_for(config))
-    if config.site_policy:  # the virtual sites' policy file (and each site's table) must parse before any run
-        from common.policy import load_policy
-
-        for site in range(min(config.num_sites, VALIDATED_SITES)):
-            load_policy(Path(config.site_policy), site)
+    check_site_policies(config)
     if check_sites:
         for site in range(min(config.num_sites, VALIDATED_SITES)):
             load_site_data(config, site)  # checks the site can keep a local test split
+
+
+def check_site_policies(config: RunConfig) -> None:
+    """The virtual sites' policies must parse, and at least one site must accept the study as configured: a study
+    that every site would refuse (say, epsilon above the hard ceiling) stops here, before any run."""
+    from client.policy_gate import accepting_policy
+    from common.policy import PolicyRefusal, load_policy
+
+    request = config.site_request(num_classes=2, channels=1, image_size=28)
+    refusals = []
+    for site in range(min(config.num_sites, VALIDATED_SITES)):
+        policy = load_policy(Path(config.site_policy), site) if config.site_policy else accepting_policy(config)
+        try:
+            policy.check_study(request.study, request.privacy, request.secagg)
+            return
+        except PolicyRefusal as err:
+            refusals.append(err)
+    if refusals:
+        raise refusals[0]
 
 
 def gpu_share(gpus: int, cpus: int, num_cpus: float) -> float:
