@@ -30,6 +30,14 @@ def make_config(tmp_path: Path):
     return _make
 
 
+@pytest.fixture
+def flower_task_identity():
+    """Flower's Message needs the task identity its runtime sets; in-process grids and mods run without one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
 def write_medmnist_npz(path: Path, *, n_train: int = 120, n_test: int = 40, size: int = 28, channels: int = 1,
                        num_classes: int = 3, seed: int = 0, **replace: np.ndarray) -> Path:
     """A small file in MedMNIST's official layout (labels shaped (N, 1)); `replace` swaps or adds arrays."""

@@ -56,6 +56,7 @@ from common.secagg.identity import (
     certificate_study_id,
     identity_key_pem,
     issue_identity,
+    self_signed_ca,
 )
 from common.study import NAME as STUDY_NAME
 
@@ -235,17 +236,7 @@ def _ca(paths: StudyPaths, days: int, now: dt.datetime) -> tuple[ec.EllipticCurv
             raise CertError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
         return key, cert
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "CareFed study"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "CareFed study CA")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = self_signed_ca(key, "CareFed study", "CareFed study CA", now, days, hashes.SHA384())
     _write_private(paths.ca_key, _pem_private(key))
     _write_public(paths.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
     return key, cert

@@ -441,17 +441,24 @@ def enrol_virtual_sites(num_sites: int, study_id: str, folder: Path, *, days: in
 
 def _throwaway_ca(study_id: str, now: dt.datetime, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "CareFed simulation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"CareFed simulation CA for {study_id}"[:64])])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    return key, self_signed_ca(key, "CareFed simulation", f"CareFed simulation CA for {study_id}"[:64], now, days,
+                               hashes.SHA256())
+
+
+def self_signed_ca(key: ec.EllipticCurvePrivateKey, organisation: str, common_name: str, now: dt.datetime,
+                   days: int, digest: hashes.HashAlgorithm) -> x509.Certificate:
+    """A CA certificate that signs certificates only (no TLS, no other use), valid from five minutes ago."""
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, digest))
 
 
 def _create(path: Path, data: bytes, mode: int) -> None:

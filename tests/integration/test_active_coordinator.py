@@ -32,16 +32,13 @@ from server.secagg_round import SecAggRound, protocol_config
 from server.training import request_content
 from simulations.benchmarks import secagg as bench
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
+
 M = 64
 STAGES = [Stage.ADVERTISE, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK]
 Tamper = Callable[[Stage, int, RecordDict], RecordDict | None]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 class TamperingGrid(bench.LoopbackGrid):

@@ -4,12 +4,9 @@ import pytest
 
 from simulations.benchmarks import secagg as bench
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.mark.parametrize("secure", [False, True])

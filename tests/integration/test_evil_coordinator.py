@@ -26,10 +26,12 @@ from common.privacy.audit import audit_site
 from common.privacy.budget import DatasetSpend, independent_epsilon
 from common.privacy.ledger import KIND_REFUSAL, PrivacyLedger
 from common.secagg.protocol import model_digest
-from common.wire import protocol_config_to_record
+from common.secagg.stages import protocol_record
 from server.secagg_round import protocol_config
 from server.training import FederatedTraining, request_content
 from tests.deployed_grid import FIRST_NODE, DeployedGrid, make_sites
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
 
 POLICY = SitePolicy(studies=("carefed-demo", "carefed-demo-2"), max_epsilon_per_study=8.0, lifetime_epsilon=9.5,
                     models=("cnn",))
@@ -37,11 +39,6 @@ STRICT = dataclasses.replace(POLICY, min_neighbours=4)  # SecAgg+ graphs: at lea
 SESSION_STATE = "carefed.secagg-session"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,7 @@ def _advertise(config, model, mutate: dict[str, dict[str, object]] | None = None
     del content[messages.GLOBAL_MODEL]
     record = {"stage": messages.STAGE_ADVERTISE, "round": 1,
               "model-hash": model_digest([a.data for a in ArrayRecord(model.state_dict()).values()]),
-              **protocol_config_to_record(protocol_config(config, 1, count_parameters(model)))}
+              **protocol_record(protocol_config(config, 1, count_parameters(model)))}
     content[messages.SECAGG] = ConfigRecord(record)
     for name, values in (mutate or {}).items():
         if values is None:

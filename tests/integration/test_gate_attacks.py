@@ -38,10 +38,12 @@ from common.policy import SitePolicy, policy_text
 from common.privacy.budget import DatasetSpend, epsilon
 from common.privacy.ledger import KIND_REFUSAL, LedgerEntry, PrivacyLedger
 from common.secagg.protocol import model_digest
-from common.wire import protocol_config_to_record
+from common.secagg.stages import protocol_record
 from server.secagg_round import SecAggRound, protocol_config
 from server.training import request_content
 from tests.deployed_grid import FIRST_NODE, DeployedGrid
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
 
 SESSION_STATE = "carefed.secagg-session"
 STUDY_A, STUDY_B = "carefed-demo", "carefed-demo-2"
@@ -55,11 +57,6 @@ PLAIN = dataclasses.replace(STRICT, secagg_required=False, lifetime_epsilon=20.0
 PLAIN_NODE = {"allow-plain-updates": "true"}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +114,7 @@ def _advertise_record(config) -> dict:
     model = _model_arrays()
     return {"stage": messages.STAGE_ADVERTISE, "round": 1,
             "model-hash": model_digest([a.data for a in model.values()]),
-            **protocol_config_to_record(protocol_config(config, 1, count_parameters(
+            **protocol_record(protocol_config(config, 1, count_parameters(
                 build_model("cnn", in_channels=1, num_classes=10, image_size=28))))}
 
 

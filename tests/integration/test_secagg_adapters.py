@@ -10,14 +10,11 @@ from server.secagg_round import SecAggRound
 from server.training import request_content
 from simulations.benchmarks import secagg as bench
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
+
 M = 64
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _round(n: int, drop_at_stage: dict[int, int], dropout_rate: float = 0.3):

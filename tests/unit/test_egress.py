@@ -14,15 +14,12 @@ from common import messages
 from common.replies import PRIVACY_LISTS, PRIVACY_SCALARS, ReplyRefused, check_reply
 from common.secagg.stages import CIPHERTEXT_BYTES
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
+
 SHAPES = {"conv.weight": (4, 1, 3, 3), "fc.bias": (10,)}
 MODEL_SIZE = sum(int(np.prod(s)) for s in SHAPES.values())
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's runtime sets them
 
 
 def _request(stage: str | None = None, **secagg) -> RecordDict:
