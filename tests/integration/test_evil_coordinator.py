@@ -219,3 +219,20 @@ def test_a_new_run_or_study_cannot_reset_the_datasets_budget(site_root, tmp_path
         assert summary["lifetime_epsilon_recomputed"] == pytest.approx(lifetime)
         assert len(report.refusals) == 2 * 1  # each refused study was refused once, at its first message
     assert np.isfinite(lifetime)
+
+
+@pytest.mark.parametrize("missing", ["state-dir", "policy"])
+def test_a_deployed_site_without_its_own_state_folder_or_policy_refuses_every_request(missing, site_root, tmp_path):
+    sites = _sites(site_root, tmp_path)
+    for config in sites.values():
+        del config[missing]
+    grid = DeployedGrid(sites)
+    config, model = _honest(tmp_path)
+    for message_type, content in ((MessageType.TRAIN, _advertise(config, model)),
+                                  (MessageType.EVALUATE, request_content(config.site_request(
+                                      num_classes=10, channels=1, image_size=28), 1, ArrayRecord(model.state_dict())))):
+        reply = _send(grid, content, message_type=message_type)
+        status = reply.content[messages.STATUS]
+        assert status["state"] == messages.STATE_REFUSED and f"no '{missing}' in its node config" in status["reason"]
+        assert set(reply.content.keys()) == {messages.STATUS}
+        assert SESSION_STATE not in grid.contexts[FIRST_NODE].state

@@ -85,3 +85,15 @@ def test_auto_gpu_share_splits_the_gpus_among_concurrent_sites_and_is_zero_witho
         resolve(overrides={"client-num-cpus": 0})
     with pytest.raises(ConfigError, match="'site-size-spread' = -1.0"):
         resolve(overrides={"site-size-spread": -1.0})
+
+
+def test_simulate_takes_any_key_from_run_config_and_names_the_wrong_one(tmp_path):
+    from tests.conftest import carefed
+
+    bad = carefed("simulate", "--run-config", "num-sites=0 study-id='lung-2026'", "--output", str(tmp_path),
+                  cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "'num-sites' = 0" in bad.stderr
+    path = carefed("simulate", "--run-config", "run-name='../x'", "--output", str(tmp_path), cwd=tmp_path,
+                   timeout=120)
+    assert path.returncode == 2 and "'run-name' = '../x'" in path.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
