@@ -205,6 +205,7 @@ class ServerSession:
         if len(shares) < t:
             self._abort(AbortReason.RECONSTRUCTION_FAILED, f"{len(shares)} shares of node {owner}'s secret < t={t}")
         try:
+            shamir.check_spare(shares, t, weights_cache=cache)  # a spare share catches a lying holder
             return shamir.combine(shares, t, weights_cache=cache)
         except ValueError as err:
             self._abort(AbortReason.RECONSTRUCTION_FAILED, f"node {owner}: {err}")

@@ -39,15 +39,39 @@ def split(secret: bytes, threshold: int, xs: Sequence[int],
 
 def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
     """Coefficients l_j with f(0) = sum_j l_j f(x_j) for any polynomial of degree < len(xs)."""
+    return lagrange_at(xs, 0)
+
+
+def lagrange_at(xs: Sequence[int], point: int) -> list[int]:
+    """Coefficients l_j with f(point) = sum_j l_j f(x_j) for any polynomial of degree < len(xs)."""
     weights = []
     for j, xj in enumerate(xs):
         num, den = 1, 1
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * xm % PRIME
+                num = num * (xm - point) % PRIME
                 den = den * (xm - xj) % PRIME
         weights.append(num * pow(den, -1, PRIME) % PRIME)
     return weights
+
+
+def check_spare(shares: Mapping[int, int], threshold: int,
+                weights_cache: dict[tuple[int, ...], list[int]] | None = None) -> None:
+    """With more than `threshold` shares, the first spare one must lie on the polynomial through the first
+    `threshold`: a holder that lies about its share is caught instead of corrupting the secret. (With exactly
+    `threshold` shares nothing can be checked; the caller's own checks on the result must do.)"""
+    ordered = sorted(shares)
+    if len(ordered) <= threshold:
+        return
+    xs, spare = tuple(ordered[:threshold]), ordered[threshold]
+    key = (*xs, -spare)  # cached apart from the weights at zero
+    weights = weights_cache.get(key) if weights_cache is not None else None
+    if weights is None:
+        weights = lagrange_at(xs, spare)
+        if weights_cache is not None:
+            weights_cache[key] = weights
+    if sum(w * shares[x] for w, x in zip(weights, xs, strict=True)) % PRIME != shares[spare]:
+        raise ValueError("the shares do not lie on one polynomial: a holder sent a wrong share")
 
 
 def combine(shares: Mapping[int, int], threshold: int, secret_bytes: int = 32,

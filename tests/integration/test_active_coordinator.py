@@ -364,3 +364,18 @@ def test_any_reply_into_the_server_round_is_a_dropout_or_an_abort_never_an_excep
     outcome, _ = _round(n=6, reply=hostile)  # raises nothing: the assertion is that we get here
     if not outcome.aborted:
         assert outcome.total.contributors >= 3 and 0 < outcome.total.weight <= 1000 * outcome.total.contributors
+
+
+def test_a_wrong_share_is_caught_by_a_spare_share_and_the_round_aborts_by_name():
+    def lie(stage: Stage, node: int, content: RecordDict) -> RecordDict | None:
+        if stage != Stage.UNMASK or node != 5:
+            return None
+        record = dict(content[messages.SECAGG])
+        record["b-shares"] = [bytes(b[:-1]) + bytes([b[-1] ^ 1]) for b in record["b-shares"]]
+        out = _copy(content)
+        out[messages.SECAGG] = ConfigRecord(record)
+        return out
+
+    outcome, _ = _round(reply=lie, dropout_rate=0.3)  # t < n: spare shares exist
+    assert outcome.aborted.startswith(AbortReason.RECONSTRUCTION_FAILED.name), outcome.aborted
+    assert outcome.total.contributors == 0

@@ -134,3 +134,15 @@ def test_array_view_reads_npy_bytes_in_place_and_refuses_anything_else():
         array_view(Array(vector).data, np.uint32, 11)
     with pytest.raises(ValueError, match="not a .npy array"):
         array_view(b"garbage" * 20, np.uint32, 10)
+
+
+def test_a_spare_share_catches_a_wrong_share_and_exactly_t_shares_cannot_be_checked():
+    from common.secagg import shamir
+
+    shares = shamir.split(b"\x07" * 32, 3, [11, 12, 13, 14])
+    shamir.check_spare(shares, 3)  # honest: consistent
+    for liar in shares:
+        bad = {**shares, liar: (shares[liar] + 1) % shamir.PRIME}
+        with pytest.raises(ValueError, match="do not lie on one polynomial"):
+            shamir.check_spare(bad, 3)
+    shamir.check_spare({x: shares[x] for x in (11, 12, 13)}, 3)  # no spare: nothing to check
