@@ -71,7 +71,7 @@ def test_three_hospitals_train_over_tls_with_node_authentication(deployed):
         egress = [json.loads(line) for line in (state / "egress.jsonl").read_text().splitlines()]
         assert egress and all(line["verdict"] == "sent" for line in egress)
         assert {line["stage"] for line in egress if line["message-type"] == "train"} == {
-            "advertise-keys", "share-keys", "masked-input", "unmask"}
+            "advertise-keys", "share-keys", "masked-input", "consistency-check", "unmask"}  # identities are on
 
 
 def _sent(deployment: LoopbackDeployment, site: str) -> list[tuple[str, bytes]]:
