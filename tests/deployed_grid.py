@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import app as client_app
 from common.config import resolve
@@ -60,3 +60,15 @@ class DeployedGrid(LoopbackGrid):
         replies = list(super().send_and_receive(messages, timeout=timeout))
         self.replies.extend(replies)
         return replies
+
+
+def mutated(content: RecordDict, mutate: dict | None) -> RecordDict:
+    """A request with the coordinator's edits: record name -> keys to set (None: drop the record)."""
+    for name, values in (mutate or {}).items():
+        if values is None:
+            del content[name]
+        elif name in content:
+            content[name] = ConfigRecord({**dict(content[name]), **values})
+        else:
+            content[name] = ConfigRecord(values)
+    return content

@@ -29,7 +29,7 @@ from common.secagg.protocol import model_digest
 from common.secagg.stages import protocol_record
 from server.secagg_round import protocol_config
 from server.training import FederatedTraining, request_content
-from tests.deployed_grid import FIRST_NODE, DeployedGrid, make_sites
+from tests.deployed_grid import FIRST_NODE, DeployedGrid, make_sites, mutated
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
 
@@ -71,14 +71,7 @@ def _advertise(config, model, mutate: dict[str, dict[str, object]] | None = None
               "model-hash": model_digest([a.data for a in ArrayRecord(model.state_dict()).values()]),
               **protocol_record(protocol_config(config, 1, count_parameters(model)))}
     content[messages.SECAGG] = ConfigRecord(record)
-    for name, values in (mutate or {}).items():
-        if values is None:
-            del content[name]
-        elif name in content:
-            content[name] = ConfigRecord({**dict(content[name]), **values})
-        else:
-            content[name] = ConfigRecord(values)
-    return content
+    return mutated(content, mutate)
 
 
 def _send(grid: DeployedGrid, content: RecordDict, node: int = FIRST_NODE,

@@ -41,7 +41,7 @@ from common.secagg.protocol import model_digest
 from common.secagg.stages import protocol_record
 from server.secagg_round import SecAggRound, protocol_config
 from server.training import request_content
-from tests.deployed_grid import FIRST_NODE, DeployedGrid
+from tests.deployed_grid import FIRST_NODE, DeployedGrid, mutated
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
 
@@ -92,22 +92,11 @@ def _model_arrays(num_classes: int = 10) -> ArrayRecord:
     return ArrayRecord(build_model("cnn", in_channels=1, num_classes=num_classes, image_size=28).state_dict())
 
 
-def _mutated(content: RecordDict, mutate: dict | None) -> RecordDict:
-    for name, values in (mutate or {}).items():
-        if values is None:
-            del content[name]
-        elif name in content:
-            content[name] = ConfigRecord({**dict(content[name]), **values})
-        else:
-            content[name] = ConfigRecord(values)
-    return content
-
-
 def _train_request(config, server_round: int = 1, mutate: dict | None = None) -> RecordDict:
     """A plain training request (what FederatedTraining sends without secure aggregation)."""
     content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), server_round,
                               _model_arrays())
-    return _mutated(content, mutate)
+    return mutated(content, mutate)
 
 
 def _advertise_record(config) -> dict:
@@ -123,7 +112,7 @@ def _advertise(config, mutate: dict | None = None) -> RecordDict:
     content = _train_request(config)
     del content[messages.GLOBAL_MODEL]
     content[messages.SECAGG] = ConfigRecord(_advertise_record(config))
-    return _mutated(content, mutate)
+    return mutated(content, mutate)
 
 
 @dataclass
