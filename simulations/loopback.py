@@ -126,12 +126,14 @@ class LoopbackDeployment:
             raise RuntimeError(f"registering {site} failed: {printed}")
 
     def supernode_command(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
-                          insecure: bool = False, name: str | None = None) -> list[str]:
-        """A hospital's SuperNode: the study CA, its own node key, its images and state folder in node config."""
+                          insecure: bool = False, name: str | None = None,
+                          identity: Path | None = None) -> list[str]:
+        """A hospital's SuperNode: the study CA, its own node key, its images, state folder, policy and identity
+        (for secure aggregation) in node config."""
         folder = self.study.site(site)
         state = self.work / "state" / (name or site)
         node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}" '
-                       f'policy="{self.policy_path(site)}" identity="{folder}"')
+                       f'policy="{self.policy_path(site)}" identity="{identity or folder}"')
         command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
                    "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
         if insecure:
@@ -140,9 +142,10 @@ class LoopbackDeployment:
                 "--auth-supernode-private-key", str(key or folder / "node.key")]
 
     def start_supernode(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
-                        insecure: bool = False, name: str | None = None) -> str:
+                        insecure: bool = False, name: str | None = None, identity: Path | None = None) -> str:
         name = name or site
-        command = self.supernode_command(site, index, key=key, ca=ca, insecure=insecure, name=name)
+        command = self.supernode_command(site, index, key=key, ca=ca, insecure=insecure, name=name,
+                                         identity=identity)
         env_extra = {}
         if self.capture:
             command = [sys.executable, str(CAPTURE_WRAPPER), *command[1:]]

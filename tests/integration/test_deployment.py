@@ -178,6 +178,37 @@ def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(deployed):
         assert lifetime["lifetime_epsilon_recomputed"] == pytest.approx(independent, rel=1e-6)
 
 
+def test_a_site_enrolled_by_another_ca_is_refused_by_its_peers_and_dropped_by_the_coordinator(deployed):
+    """An impostor with a registered node key (it passed Flower's node authentication) but an identity from
+    another CA (an invented site). Without the CA, the coordinator relays it and every honest site refuses the
+    round by name before sending a share; with the CA, the coordinator drops it and the three hospitals train."""
+    deployment, _ = deployed
+    make_study(deployment.study.root, sites=[*SITES, "impostor"], hosts=["localhost"])
+    deployment.register("impostor")
+    # the second study (the first one's budget is spent), its id in the certificate, but another CA
+    make_study(deployment.work / "other-ca", sites=["impostor"], hosts=["localhost"], study="carefed-demo-2")
+    impostor = deployment.study.site("impostor")
+    deployment.start_supernode("site-0", 7, key=impostor / "node.key", ca=impostor / "ca.crt", name="impostor",
+                               identity=deployment.work / "other-ca" / "sites" / "impostor")
+    deployment.wait_online(len(SITES) + 1)
+    common = {"num-sites": len(SITES) + 1, "num-server-rounds": 1, "output-dir": str(deployment.work / "runs"),
+              "study-id": "carefed-demo-2", "target-epsilon": 1.0}
+    deployment.run({**common, "run-name": "impostor-relayed"})
+    relayed = json.loads((deployment.work / "runs" / "impostor-relayed" / "metrics.json").read_text())["rounds"][1]
+    assert relayed["updates-aggregated"] == 0 and relayed["secagg-aborted"]
+    assert len(relayed["secagg-dropped"]["share-keys-aborted"]) == len(SITES) + 1  # (it trusts no one either)
+    for site in SITES:
+        egress = [json.loads(line) for line in (deployment.work / "state" / site / "egress.jsonl").read_text()
+                  .splitlines() if json.loads(line)["run"] == "impostor-relayed"]
+        refusal = next(line for line in egress if line["stage"] == "share-keys")
+        assert refusal["status"]["reason"].startswith("BAD_SIGNATURE")  # no share left the site
+    deployment.run({**common, "run-name": "impostor-dropped",
+                    "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
+    dropped = json.loads((deployment.work / "runs" / "impostor-dropped" / "metrics.json").read_text())["rounds"][1]
+    assert dropped["updates-aggregated"] == len(SITES) and not dropped["secagg-aborted"]
+    assert len(dropped["secagg-dropped"]["advertise-keys-bad-identity"]) == 1
+
+
 def test_every_process_is_shut_down(deployed):
     deployment, _ = deployed
     deployment.stop()
