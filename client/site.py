@@ -189,8 +189,7 @@ def run_privacy(context: Context, ledger: PrivacyLedger, admission: Admission, d
     """This run's privacy state (from the ledger, or calibrated now), and the recipe it was calibrated for: a
     changed batch size, number of local epochs or data size within a run is refused by name."""
     config, site = admission.config, admission.site
-    units = len(np.unique(data.train_patients)) if config.privacy_unit == "patient" else data.num_train
-    per_batch = patients_per_batch(config, data) if config.privacy_unit == "patient" else config.batch_size
+    units, per_batch = sampling_units(config, data)
     batches = math.ceil(units / per_batch)
     if batches * config.local_epochs * config.planned_rounds > MAX_PLANNED_STEPS:
         raise PolicyRefusal("planned-steps", batches * config.local_epochs * config.planned_rounds,
@@ -205,11 +204,16 @@ def run_privacy(context: Context, ledger: PrivacyLedger, admission: Admission, d
     return privacy
 
 
+def sampling_units(config: RunConfig, data: SiteData) -> tuple[int, int]:
+    """What the site samples and how many per expected batch: images, or patients at patient level."""
+    if config.privacy_unit == "patient":
+        return len(np.unique(data.train_patients)), patients_per_batch(config, data)
+    return data.num_train, config.batch_size
+
+
 def calibrate_site(config: RunConfig, data: SiteData, site: int) -> SitePrivacy:
     """The site's noise for the planned run, from what it samples (images, or patients at patient level)."""
-    patient_unit = config.privacy_unit == "patient"
-    units = len(np.unique(data.train_patients)) if patient_unit else data.num_train
-    per_batch = patients_per_batch(config, data) if patient_unit else config.batch_size
+    units, per_batch = sampling_units(config, data)
     return SitePrivacy.calibrate(
         target_epsilon=config.budget_for(site), delta=config.target_delta, num_examples=units,
         batch_size=per_batch, local_epochs=config.local_epochs, planned_rounds=config.planned_rounds,
