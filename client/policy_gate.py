@@ -30,6 +30,7 @@ from common.privacy.ledger import LedgerError, PrivacyLedger
 from common.secagg.client import Enrolment
 from common.secagg.errors import AbortReason, SecAggAbort
 from common.secagg.identity import IdentityError, IdentityVerifier, SiteIdentity, certificate_study_id
+from common.secagg.protocol import SPARSE_NEIGHBOURHOOD_DROPOUT
 from common.study import RequestError, SecAggSection, SiteRequest, StudySection, check_name
 
 POLICY_KEY = "policy"  # node_config: the site's policy file
@@ -107,12 +108,13 @@ def accepting_policy(config: RunConfig) -> SitePolicy:
     """A virtual site without a policy file accepts the study as configured (within the hard ceilings), so a
     simulation models consenting sites; a scenario's `site-policy` file models sites with their own limits."""
     epsilon = min(max([config.target_epsilon, *config.site_budgets]), MAX_STUDY_EPSILON)
+    auto_rate = SPARSE_NEIGHBOURHOOD_DROPOUT if config.secagg_graph_degree == 0 else 0.0  # large cohorts' graph
     return SitePolicy(
         studies=(config.study_id,), dp_required=config.dp, min_privacy_unit=config.privacy_unit,
         max_epsilon_per_study=epsilon, lifetime_epsilon=epsilon, max_delta=min(config.target_delta, 1e-3),
         secagg_required=config.secagg, require_signatures=config.secagg_identities,
         min_cohort=config.secagg_min_cohort, min_neighbours=1,
-        max_dropout_rate=min(config.secagg_dropout_rate, 0.49), max_cohort=max(config.num_sites, 3),
+        max_dropout_rate=min(max(config.secagg_dropout_rate, auto_rate), 0.49), max_cohort=max(config.num_sites, 3),
         models=(config.model,), send_evaluation_metrics=True)
 
 

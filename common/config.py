@@ -66,7 +66,7 @@ class RunConfig:
     secagg_dropout_rate: float  # tolerated fraction of a neighbourhood dropping after advertising keys
     secagg_colluding: int  # clients assumed to collude with the server (raises the threshold)
     secagg_min_cohort: int  # never aggregate fewer sites than this
-    secagg_graph_degree: int  # 0: complete graph; k (even): random k-regular SecAgg+ graph
+    secagg_graph_degree: int  # 0: chosen per round from the cohort size; k (even): a fixed k-regular SecAgg+ graph
     secagg_max_weight: int  # cap on a site's example count (the weight); sets the fixed-point scale
     secagg_identities: bool  # simulation: enrol the virtual sites with a per-run study CA (signed advertisements)
     identity_ca: str  # the coordinator's copy of the study CA certificate: drop unverifiable advertisements early
@@ -228,7 +228,7 @@ class RunConfig:
         if self.secagg_min_cohort < 2:
             _fail("secagg_min_cohort", self.secagg_min_cohort, "must be at least 2 (a sum of one is the update)")
         if self.secagg_graph_degree < 0 or self.secagg_graph_degree % 2:
-            _fail("secagg_graph_degree", self.secagg_graph_degree, "must be 0 (complete graph) or a positive even k")
+            _fail("secagg_graph_degree", self.secagg_graph_degree, "must be 0 (chosen from the cohort size) or a positive even k")
         if self.canaries < 0:
             _fail("canaries", self.canaries, "must be 0 (none) or a positive number of canaries")
         if self.secagg_max_weight < 1:

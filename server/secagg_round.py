@@ -63,7 +63,8 @@ def protocol_config(config: RunConfig, server_round: int, num_parameters: int) -
 
 class SecAggRound:
     def __init__(self, grid: Grid, config: RunConfig, server_round: int, train_content: RecordDict,
-                 num_parameters: int, on_train_reply: ReplyHandler, verifier: IdentityVerifier | None = None) -> None:
+                 num_parameters: int, on_train_reply: ReplyHandler, verifier: IdentityVerifier | None = None,
+                 workers: int | None = None) -> None:
         self.grid = grid
         self.config = config
         self.round = server_round
@@ -73,7 +74,7 @@ class SecAggRound:
         model = train_content[messages.GLOBAL_MODEL]
         self.model_hash = model_digest([arr.data for arr in model.values()])
         self.protocol = protocol_config(config, server_round, num_parameters)
-        self.session = ServerSession(self.protocol, self.model_hash)
+        self.session = ServerSession(self.protocol, self.model_hash, workers)
         self.enrolment = Enrolment(None, verifier, config.study_id, config.run_name) if verifier else None
         self.cohort_size = 0  # sites that advertised valid keys (U1): the fixed-point scale's cohort
         self.outcome = SecAggOutcome()

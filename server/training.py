@@ -24,6 +24,7 @@ from common.evaluation import evaluate_model
 from common.models import count_parameters
 from common.replies import ReplyRefused, check_reply, stage_of
 from common.secagg.identity import IdentityVerifier, enrol_virtual_sites
+from common.secagg.protocol import graph_for_cohort
 from common.study import SiteRequest
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, apply_mean_delta
@@ -55,6 +56,13 @@ def request_content(request: SiteRequest, server_round: int, model: ArrayRecord,
     return content
 
 
+def secagg_for_cohort(config: RunConfig, cohort_size: int) -> RunConfig:
+    """The round's secure-aggregation graph and threshold: as configured, or chosen from the cohort's size."""
+    degree, rate = graph_for_cohort(cohort_size, config.secagg_graph_degree, config.secagg_dropout_rate,
+                                    config.secagg_colluding)
+    return config.replace(secagg_graph_degree=degree, secagg_dropout_rate=rate)
+
+
 class FederatedTraining:
     """One run: owns the global model, the cohort sampler and the run folder."""
 
@@ -66,7 +74,8 @@ class FederatedTraining:
         torch.manual_seed(config.seed)
         self.model = global_model(config, source)
         channels, image_size, _ = source.image_shape
-        self.request = config.site_request(num_classes=source.num_classes, channels=channels, image_size=image_size)
+        self.site_shape = {"num_classes": source.num_classes, "channels": channels, "image_size": image_size}
+        self.request = config.site_request(**self.site_shape)
         # Virtual sites (Flower's in-memory grid) also get the whole run config: their partitions, faults, run
         # folder. A deployed site refuses any request that carries it.
         self.simulated = isinstance(grid, InMemoryGrid)
@@ -145,8 +154,8 @@ class FederatedTraining:
         size = self.config.sites_per_round or len(eligible)
         return sorted(self.rng.sample(eligible, min(size, len(eligible))))
 
-    def _content(self, server_round: int) -> RecordDict:
-        return request_content(self.request, server_round, ArrayRecord(self.model.state_dict()),
+    def _content(self, server_round: int, request: SiteRequest | None = None) -> RecordDict:
+        return request_content(request or self.request, server_round, ArrayRecord(self.model.state_dict()),
                                simulation=self.config if self.simulated else None)
 
     def _send(self, nodes: Iterable[int], message_type: str, server_round: int) -> dict[int, RecordDict | str]:
@@ -174,7 +183,9 @@ class FederatedTraining:
     def _train(self, server_round: int, cohort: list[int]) -> RoundOutcome:
         outcome = RoundOutcome()
         if self.config.secagg:
-            secure = SecAggRound(self.grid, self.config, server_round, self._content(server_round),
+            config = secagg_for_cohort(self.config, len(cohort))
+            secure = SecAggRound(self.grid, config, server_round,
+                                 self._content(server_round, config.site_request(**self.site_shape)),
                                  count_parameters(self.model),
                                  lambda node, content: self._note_train_reply(server_round, node, content, outcome),
                                  self.identity_verifier)

@@ -26,7 +26,7 @@ from common.secagg.identity import (
     consistency_payload,
     signature_valid,
 )
-from common.secagg.prg import SEED_BYTES, MaskStream
+from common.secagg.prg import SEED_BYTES, apply_masks
 from common.secagg.protocol import ProtocolConfig, mask_sign, neighbours, session_id, threshold
 
 NONCE_BYTES = 12
@@ -230,12 +230,12 @@ class ClientSession:
                     and encoded_input.shape == (self.config.vector_length,),
                     f"input must be uint32[{self.config.vector_length}]")
 
-        masked = encoded_input.copy()
-        stream = MaskStream(masked.size)
-        stream.add(masked, self._b_seed)
+        plus, minus = [self._b_seed], []
         for peer in sorted(alive_neighbours):
             seed = keys.pairwise_mask_seed(self._s_sk, self._keys[peer][1], self.session, self.node_id, peer)
-            (stream.add if mask_sign(self.node_id, peer) > 0 else stream.subtract)(masked, seed)
+            (plus if mask_sign(self.node_id, peer) > 0 else minus).append(seed)
+        masked = encoded_input.copy()
+        apply_masks(masked, plus, minus, workers=1)  # a site's masks are few (its neighbours); keep to one core
         self._alive_at_masking = alive_set
         self.stage = Stage.CONSISTENCY if self._peer_keys else Stage.UNMASK  # enrolled at key sharing
         return masked

@@ -5,11 +5,16 @@ A 32-byte seed is the AES-256 key; the counter starts at zero (each seed is used
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 32
 ZERO_COUNTER = bytes(16)
+WORDS_PER_BLOCK = 4  # one 16-byte AES block is four uint32 words: the counter of word w's block is w // 4
 _BLOCK_SLACK_WORDS = 4  # update_into needs len(data) + block_size - 1 bytes of room
 
 
@@ -42,3 +47,42 @@ class MaskStream:
 def keystream_words(seed: bytes, length: int) -> np.ndarray:
     """A fresh copy of PRG(seed) as `length` uint32 words."""
     return MaskStream(length).keystream(seed).copy()
+
+
+def counter_at(word: int) -> bytes:
+    """The CTR counter block where the stream's `word`-th word begins (word a multiple of WORDS_PER_BLOCK).
+    OpenSSL increments the whole 128-bit big-endian counter, so block b of a stream started at 0 has counter b."""
+    if word % WORDS_PER_BLOCK:
+        raise ValueError(f"a stream can be resumed only at a block boundary, not at word {word}")
+    return (word // WORDS_PER_BLOCK).to_bytes(16, "big")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def apply_masks(acc: np.ndarray, add: Sequence[bytes], subtract: Sequence[bytes], workers: int | None = None) -> None:
+    """acc += sum PRG(a) - sum PRG(s) in Z_2^32, split over `workers` threads (default: every core).
+
+    The keystreams are independent and AES-CTR can start at any block, so each thread takes a contiguous slice
+    of the vector and regenerates that slice of every stream; OpenSSL releases the GIL while it encrypts, and
+    each slice's scratch stays in cache. No extra copy of the vector is made."""
+    workers = max(1, min(workers or available_cores(), acc.size // 65_536 + 1))
+    if workers == 1:
+        _apply_slice(acc, 0, add, subtract)
+        return
+    step = -(-acc.size // workers)
+    step += -step % WORDS_PER_BLOCK
+    with ThreadPoolExecutor(workers) as pool:
+        slices = [pool.submit(_apply_slice, acc[start:start + step], start, add, subtract)
+                  for start in range(0, acc.size, step)]
+        for done in slices:
+            done.result()
+
+
+def _apply_slice(acc: np.ndarray, offset: int, add: Sequence[bytes], subtract: Sequence[bytes]) -> None:
+    stream, counter = MaskStream(acc.size), counter_at(offset)
+    for seed in add:
+        np.add(acc, stream.keystream(seed, counter), out=acc)
+    for seed in subtract:
+        np.subtract(acc, stream.keystream(seed, counter), out=acc)

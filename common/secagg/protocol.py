@@ -49,6 +49,45 @@ def threshold(neighbourhood: int, dropout_rate: float, colluding: int) -> int:
     return t
 
 
+# The graph a study gets by default (secagg-graph-degree = 0), chosen per round from the cohort size n. Up to
+# COMPLETE_GRAPH_UP_TO sites every pair shares a mask (Bonawitz et al. 2017). Beyond, each site has k neighbours
+# (SecAgg+, Bell et al. 2020), with a two-thirds threshold in every neighbourhood (tolerated rate 1/3, still a
+# majority, the malicious-server setting), and k the smallest even number >= 2 log2 n for which a round in which
+# the study's dropout rate d of the cohort drops at random aborts with probability <= GRAPH_FAILURE_PROBABILITY
+# (hypergeometric tail, union bound over the n neighbourhoods). Abort probability is liveness, not privacy: an
+# unlucky round aborts and reveals nothing.
+COMPLETE_GRAPH_UP_TO = 50
+SPARSE_NEIGHBOURHOOD_DROPOUT = 1 / 3
+GRAPH_FAILURE_PROBABILITY = 1e-3
+
+
+def graph_for_cohort(cohort: int, degree: int, dropout_rate: float, colluding: int = 0) -> tuple[int, float]:
+    """(graph degree, neighbourhood dropout rate) for a round of `cohort` sites. A fixed degree (> 0) is kept
+    with the study's rate; degree 0 chooses from the cohort size, as described above."""
+    if degree > 0 or cohort <= COMPLETE_GRAPH_UP_TO or dropout_rate >= SPARSE_NEIGHBOURHOOD_DROPOUT:
+        return degree, dropout_rate
+    dropped = math.ceil(dropout_rate * cohort)
+    k = 2 * math.ceil(math.log2(cohort))
+    while k < cohort - 1:
+        holders = k + 1
+        try:
+            tolerated = holders - threshold(holders, SPARSE_NEIGHBOURHOOD_DROPOUT, colluding)
+        except SecAggAbort:  # too many colluders for this neighbourhood: try a larger one
+            k += 2
+            continue
+        if cohort * _more_than(tolerated, cohort, dropped, holders) <= GRAPH_FAILURE_PROBABILITY:
+            return k, SPARSE_NEIGHBOURHOOD_DROPOUT
+        k += 2
+    return 0, dropout_rate
+
+
+def _more_than(limit: int, population: int, marked: int, draws: int) -> float:
+    """P(X > limit) for X ~ Hypergeometric(population, marked, draws)."""
+    top = min(marked, draws)
+    favourable = sum(math.comb(marked, x) * math.comb(population - marked, draws - x) for x in range(limit + 1, top + 1))
+    return favourable / math.comb(population, draws)
+
+
 def session_id(config: ProtocolConfig, keys: Mapping[int, tuple[bytes, bytes]], model_hash: bytes) -> bytes:
     """SHA-256 over the round, every advertised (id, c_pk, s_pk) in id order, the model hash and the config."""
     digest = hashlib.sha256(b"carefed/secagg/session/v1")

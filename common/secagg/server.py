@@ -17,7 +17,7 @@ import numpy as np
 from common.secagg import keys, shamir
 from common.secagg.client import Advertisement, UnmaskResponse
 from common.secagg.errors import AbortReason, SecAggAbort
-from common.secagg.prg import MaskStream
+from common.secagg.prg import apply_masks
 from common.secagg.protocol import ProtocolConfig, mask_sign, neighbours, session_id, threshold
 
 
@@ -45,8 +45,10 @@ class UnmaskRequest:
 
 
 class ServerSession:
-    def __init__(self, config: ProtocolConfig, model_hash: bytes) -> None:
+    def __init__(self, config: ProtocolConfig, model_hash: bytes, workers: int | None = None) -> None:
         config.validate()
+        self.workers = workers  # threads that regenerate masks (None: every core)
+        self.masks_removed = 0
         self.config = config
         self.model_hash = model_hash
         self.stage = ServerStage.COLLECT_ADVERTISEMENTS
@@ -177,12 +179,9 @@ class ServerSession:
                 if owner in dropped and holder in self.graph[owner]:
                     s_shares[owner][holder] = self._parse_share(raw, holder)
 
-        total = self._sum
-        stream = MaskStream(total.size)
         cache: dict[tuple[int, ...], list[int]] = {}
-        for owner, shares in b_shares.items():
-            seed = self._combine(shares, self.thresholds[owner], owner, cache)
-            stream.subtract(total, seed)
+        plus: list[bytes] = []  # seeds of masks to add back
+        minus = [self._combine(shares, self.thresholds[owner], owner, cache) for owner, shares in b_shares.items()]
         for owner, shares in s_shares.items():
             private = keys.private_from_bytes(self._combine(shares, self.thresholds[owner], owner, cache))
             if keys.public_bytes(private) != self.keys[owner][1]:
@@ -190,9 +189,11 @@ class ServerSession:
             for peer in sorted(self.graph[owner] & survivors):
                 seed = keys.pairwise_mask_seed(private, self.keys[peer][1], self.session, owner, peer)
                 # the survivor `peer` added mask_sign(peer, owner) * PRG(seed); take it out again
-                (stream.subtract if mask_sign(peer, owner) > 0 else stream.add)(total, seed)
+                (minus if mask_sign(peer, owner) > 0 else plus).append(seed)
+        self.masks_removed = len(plus) + len(minus)
+        apply_masks(self._sum, plus, minus, self.workers)
         self.stage = ServerStage.DONE
-        return total
+        return self._sum
 
     def _parse_share(self, raw: bytes, holder: int) -> int:
         try:

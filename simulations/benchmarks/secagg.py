@@ -6,20 +6,26 @@
 Every system runs the same round over the same in-process `LoopbackGrid` (a real flwr `Grid` whose
 `send_and_receive` calls each site's real ClientApp, mods included, one after another), so all pay identical
 message handling and none pays network or serialisation. Sites return a fixed random update (no training), so
-what is measured is the protocol. One core: run it with nothing else busy.
+what is measured is the protocol. One core per site; the server on one core unless the row says otherwise. Run it
+with nothing else busy.
 
 Reported per configuration (n sites, m float32 parameters, dropout fraction):
 - client s: mean compute per site over all of its protocol stages (keys, shares, encoding, masking, unmasking);
 - server unmask s: server compute after the last stage's replies (reconstruct secrets, remove masks, decode);
+- unmask / 1-core floor: that over the time one core takes, in the same run, just to regenerate and add the
+  keystreams this round's mask removal needs (the survivors' self masks and each dropped site's pairwise masks
+  with its surviving neighbours);
 - round s: critical path with sites working in parallel = server compute + the slowest site at each stage
   (protocol only, no training);
 - x plain: (round s + T) over (plain FedAvg's round s + T), T = --train-seconds of local training (default 1 s,
   about one local DP-SGD round of the default CNN here; 0 gives the pure protocol overhead);
 - upload: mean bytes a surviving site sends per round (protobuf size of its replies) over the float32 update.
 Dropouts: that fraction of the sites stops answering after sharing keys (the costly case: their pairwise masks
-must be reconstructed). The sparse SecAgg+ graph uses a majority threshold per neighbourhood (dropout rate 0.5),
-so 10% random dropouts cannot exhaust a neighbourhood of 2 log2 n. Flower's SecAgg+ gets an odd num_shares
-(even values crash its clients in 1.42).
+must be reconstructed). Systems: plain FedAvg; CareFed as it was (complete graph, no identities); with enrolled
+identities and the consistency check; the study default (graph chosen from the cohort size: complete up to 50
+sites, beyond a SecAgg+ graph with a two-thirds threshold per neighbourhood, common.secagg.protocol) with the
+server's mask removal on one core and on every core; Flower 1.42's SecAgg+ (an odd num_shares, as close to the
+complete graph as it allows: even values crash its clients in 1.42).
 """
 
 from __future__ import annotations
@@ -55,9 +61,11 @@ from common import messages  # noqa: E402
 from common.config import RunConfig, resolve  # noqa: E402
 from common.logs import tidy_logging  # noqa: E402
 from common.secagg.identity import IdentityVerifier, enrol_virtual_sites  # noqa: E402
+from common.secagg.prg import MaskStream, available_cores  # noqa: E402
+from common.secagg.protocol import COMPLETE_GRAPH_UP_TO  # noqa: E402
 from server.aggregation import DeltaSum  # noqa: E402
 from server.secagg_round import SecAggRound  # noqa: E402
-from server.training import request_content  # noqa: E402
+from server.training import request_content, secagg_for_cohort  # noqa: E402
 
 UPDATE_NORM = 1.0  # L2 norm of each site's random update (well inside every system's bound)
 
@@ -188,28 +196,47 @@ def enrolled(n: int) -> tuple[str, IdentityVerifier]:
     return str(root), IdentityVerifier(enrolment.ca_cert.read_bytes(), study)
 
 
-def carefed_round(n: int, m: int, dropped: dict[int, int], secure: bool, degree: int, dropout_rate: float,
-                  train_seconds: float, identities: bool = False) -> dict[str, Any]:
-    """One CareFed round; with `identities`, signed advertisements checked by every site and the consistency
-    check (the default in simulation and deployment)."""
+@dataclass(frozen=True)
+class CareFedSystem:
+    """One CareFed arm: plain or secure; graph degree (None: chosen from the cohort size, the study default);
+    enrolled identities with the consistency check; threads for the server's mask removal (None: every core)."""
+
+    secure: bool = True
+    degree: int | None = None
+    identities: bool = True
+    server_workers: int | None = 1
+
+    def config(self, n: int, fraction: float) -> RunConfig:
+        config = base_config().replace(secagg=self.secure, num_sites=n, secagg_dropout_rate=max(0.1, fraction),
+                                       secagg_graph_degree=self.degree or 0)
+        if self.degree is None:
+            config = secagg_for_cohort(config, n)
+        if self.identities:
+            output_dir, _ = enrolled(n)
+            config = config.replace(secagg_identities=True, output_dir=output_dir)
+        return config
+
+
+def carefed_round(n: int, m: int, dropped: dict[int, int], system: CareFedSystem,
+                  train_seconds: float) -> dict[str, Any]:
+    """One CareFed round over the loopback grid; checks the aggregate against the survivors' mean."""
     nodes = list(range(1, n + 1))
     prepare_updates(m, nodes)
     grid = LoopbackGrid(carefed_app(m), nodes, dropped)
-    config = base_config().replace(secagg=secure, secagg_graph_degree=degree, num_sites=n,
-                                   secagg_dropout_rate=dropout_rate)
-    verifier = None
-    if identities:
-        output_dir, verifier = enrolled(n)
-        config = config.replace(secagg_identities=True, output_dir=output_dir)
+    config = system.config(n, max(0.1, len(dropped) / n))
     content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), 1,
                               ArrayRecord({"w": Array(np.zeros(m, np.float32))}), simulation=config)
     grid.start_round()
     started = time.perf_counter()
-    if secure:
-        outcome = SecAggRound(grid, config, 1, content, m, lambda node, reply: None, verifier).run(nodes)
+    extra: dict[str, Any] = {}
+    if system.secure:
+        verifier = enrolled(n)[1] if system.identities else None
+        secure = SecAggRound(grid, config, 1, content, m, lambda node, reply: None, verifier, system.server_workers)
+        outcome = secure.run(nodes)
         if outcome.aborted:
             raise RuntimeError(f"CareFed secure aggregation aborted: {outcome.aborted}")
         mean = outcome.total.mean()
+        extra = {"graph_degree": secure.protocol.graph_degree, "masks_removed": secure.session.masks_removed}
     else:
         total = DeltaSum()
         replies = grid.send_and_receive([Message(content, node, MessageType.TRAIN, group_id="1") for node in nodes])
@@ -221,7 +248,21 @@ def carefed_round(n: int, m: int, dropped: dict[int, int], secure: bool, degree:
     expected = np.mean([random_update(m, u) for u in survivors], axis=0)
     if not np.allclose(mean, expected, atol=1e-4):
         raise RuntimeError("aggregate does not match the survivors' mean")
-    return summarise(grid.ledger, started, finished, m, train_seconds, survivors)
+    result = summarise(grid.ledger, started, finished, m, train_seconds, survivors)
+    if extra:
+        extra["keystream_floor_s"] = keystream_floor(extra["masks_removed"], m + 2)
+    return {**result, **extra}
+
+
+def keystream_floor(streams: int, length: int) -> float:
+    """One core regenerating `streams` AES-CTR keystreams of `length` words and adding them to a vector: the least
+    any mask-removal must spend (the seeds themselves come free here)."""
+    stream, acc = MaskStream(length), np.zeros(length, np.uint32)
+    seeds = [os.urandom(32) for _ in range(streams)]
+    started = time.perf_counter()
+    for seed in seeds:
+        stream.add(acc, seed)
+    return time.perf_counter() - started
 
 
 # -- Flower 1.42 SecAgg+ (legacy API: DefaultWorkflow + SecAggPlusWorkflow, NumPyClient + secaggplus_mod) --------
@@ -294,10 +335,49 @@ def dropouts(n: int, fraction: float, stage: int) -> dict[int, int]:
     return {u: stage for u in range(n - count + 1, n + 1)}
 
 
-def sparse_degree(n: int) -> int:
-    """An even k ~ 2 log2 n, as SecAgg+ suggests for large cohorts (0 = complete graph when that is smaller)."""
-    k = 2 * math.ceil(math.log2(n))
-    return k if k < n - 1 else 0
+def systems_for(n: int, flower: bool) -> list[tuple[str, Callable[..., dict[str, Any]]]]:
+    """The arms of one configuration: plain first (the ratio's denominator), then CareFed as it was (complete graph,
+    no identities), the complete graph with identities, the study default (graph from the cohort size), the same
+    with the server on every core, and Flower's SecAgg+."""
+    arms = [("plain FedAvg", CareFedSystem(secure=False, identities=False)),
+            ("CareFed secagg, no identities", CareFedSystem(degree=0, identities=False)),
+            ("CareFed + identities + consistency check", CareFedSystem(degree=0))]
+    if n > COMPLETE_GRAPH_UP_TO:
+        arms.append(("CareFed default + identities + consistency check", CareFedSystem(degree=None)))
+    cores = available_cores()
+    if cores > 1:
+        arms.append((f"CareFed default, server on {cores} cores", CareFedSystem(degree=None, server_workers=None)))
+    systems: list[tuple[str, Callable[..., dict[str, Any]]]] = [
+        (name, partial(carefed_round, system=system)) for name, system in arms]
+    if flower:
+        systems.append(("Flower 1.42 SecAgg+", flower_round))
+    return systems
+
+
+def run_configuration(n: int, m: int, fraction: float, train_seconds: float, flower: bool) -> list[dict[str, Any]]:
+    """Every system on one (n, m, dropout) configuration, printed as table rows as they finish."""
+    rows: list[dict[str, Any]] = []
+    dropped = dropouts(n, fraction, stage=2)
+    plain_round = None
+    for name, measure in systems_for(n, flower):
+        drops = dropped if plain_round else dict.fromkeys(dropped, 0)  # plain FedAvg: the dropped never answer
+        try:
+            result = measure(n, m, drops, train_seconds=train_seconds)
+        except RuntimeError as err:  # an aborted round is a result too: say so and go on
+            print(f"| {n} | {m:.0e} | {fraction:.0%} | {name} | aborted: {err} ||||||", flush=True)
+            rows.append({"n": n, "m": m, "dropout": fraction, "system": name, "aborted": str(err)})
+            continue
+        plain_round = plain_round or result["round_with_training_s"]
+        row = {"n": n, "m": m, "dropout": fraction, "system": name, **result,
+               "x_plain": result["round_with_training_s"] / plain_round}
+        rows.append(row)
+        degree = row.get("graph_degree")
+        graph = "" if degree is None else "complete" if degree == 0 else f"k={degree}"
+        floor = f"{row['server_unmask_s'] / row['keystream_floor_s']:.2f}" if row.get("keystream_floor_s") else ""
+        print(f"| {n} | {m:.0e} | {fraction:.0%} | {name} | {graph} | {row['client_s']:.4f} | "
+              f"{row['server_unmask_s']:.4f} | {floor} | {row['round_s']:.3f} | {row['x_plain']:.2f} | "
+              f"{row['upload_ratio']:.3f} |", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -319,41 +399,13 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
     rows = []
-    print("| n | m | dropout | system | client s | server unmask s | round s | x plain | upload / float32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| n | m | dropout | system | graph | client s | server unmask s | unmask / 1-core floor | round s | "
+          "x plain | upload / float32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.sizes:
         for n in args.sites:
             for fraction in args.dropouts:
-                dropped = dropouts(n, fraction, stage=2)
-                train = args.train_seconds
-                systems: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-                    ("plain FedAvg", partial(carefed_round, n, m, dict.fromkeys(dropped, 0), False, 0, 0.1, train)),
-                    ("CareFed secagg (complete)",
-                     partial(carefed_round, n, m, dropped, True, 0, max(0.1, fraction), train)),
-                    ("CareFed secagg (complete) + identities + consistency check",
-                     partial(carefed_round, n, m, dropped, True, 0, max(0.1, fraction), train, True)),
-                ]
-                degree = sparse_degree(n)
-                if degree:
-                    systems.append((f"CareFed secagg+ (k={degree})",
-                                    partial(carefed_round, n, m, dropped, True, degree, 0.5, train)))
-                if not args.no_flower:
-                    systems.append(("Flower 1.42 SecAgg+", partial(flower_round, n, m, dropped, train)))
-                plain_round = None
-                for name, measure in systems:
-                    try:
-                        result = measure()
-                    except RuntimeError as err:  # an aborted round is a result too: say so and go on
-                        print(f"| {n} | {m:.0e} | {fraction:.0%} | {name} | aborted: {err} |||||", flush=True)
-                        rows.append({"n": n, "m": m, "dropout": fraction, "system": name, "aborted": str(err)})
-                        continue
-                    plain_round = plain_round or result["round_with_training_s"]
-                    row = {"n": n, "m": m, "dropout": fraction, "system": name, **result,
-                           "x_plain": result["round_with_training_s"] / plain_round}
-                    rows.append(row)
-                    print(f"| {n} | {m:.0e} | {fraction:.0%} | {name} | {row['client_s']:.4f} | "
-                          f"{row['server_unmask_s']:.4f} | {row['round_s']:.3f} | {row['x_plain']:.2f} | "
-                          f"{row['upload_ratio']:.3f} |", flush=True)
+                rows += run_configuration(n, m, fraction, args.train_seconds, flower=not args.no_flower)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"train_seconds": args.train_seconds, "rows": rows}, f, indent=2)

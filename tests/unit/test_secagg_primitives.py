@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from common.secagg import keys, shamir
 from common.secagg.encoding import FixedPoint
 from common.secagg.errors import SecAggAbort
-from common.secagg.prg import MaskStream, keystream_words
+from common.secagg.prg import MaskStream, apply_masks, counter_at, keystream_words
 
 # NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt, block #1
 NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
@@ -38,6 +38,26 @@ def test_masks_add_and_subtract_to_zero():
     assert not np.array_equal(acc, np.arange(257, dtype=np.uint32))
     stream.subtract(acc, b"\x01" * 32)
     assert np.array_equal(acc, np.arange(257, dtype=np.uint32))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_masks_applied_in_slices_by_threads_equal_whole_streams(workers: int):
+    length = 3 * 65_536 + 6  # slices end mid-vector and the last one is short
+    seeds = [bytes([k]) * 32 for k in range(5)]
+    expected = np.arange(length, dtype=np.uint32)
+    for seed in seeds[:3]:
+        expected += keystream_words(seed, length)
+    for seed in seeds[3:]:
+        expected -= keystream_words(seed, length)
+    acc = np.arange(length, dtype=np.uint32)
+    apply_masks(acc, seeds[:3], seeds[3:], workers)
+    assert np.array_equal(acc, expected)
+
+
+def test_a_stream_resumes_only_at_a_block_boundary():
+    assert counter_at(8) == (2).to_bytes(16, "big")
+    with pytest.raises(ValueError, match="block boundary"):
+        counter_at(6)
 
 
 def test_prg_refuses_short_seeds():

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from common.secagg.client import Advertisement, ClientSession, Stage
 from common.secagg.encoding import FixedPoint
 from common.secagg.errors import AbortReason, SecAggAbort
-from common.secagg.protocol import ProtocolConfig, neighbours, threshold
+from common.secagg.protocol import (
+    COMPLETE_GRAPH_UP_TO,
+    ProtocolConfig,
+    graph_for_cohort,
+    neighbours,
+    threshold,
+)
 from common.secagg.server import ServerSession
 from tests.secagg_harness import MODEL_HASH, plain_sum, run_round
 
@@ -75,6 +81,29 @@ def test_threshold_rule_matches_the_design():
     assert threshold(4, 0.5, 0) == 3  # majority wins over the dropout term
     with pytest.raises(SecAggAbort):
         threshold(4, 0.1, 5)
+
+
+def test_small_cohorts_get_the_complete_graph_and_a_fixed_degree_is_kept():
+    assert graph_for_cohort(COMPLETE_GRAPH_UP_TO, 0, 0.1) == (0, 0.1)
+    assert graph_for_cohort(500, 8, 0.1) == (8, 0.1)
+    assert graph_for_cohort(500, 0, 0.4) == (0, 0.4)  # no sparse graph tolerates that many dropouts cheaply
+
+
+@pytest.mark.parametrize(("n", "dropout_rate"), [(60, 0.1), (100, 0.1), (100, 0.05), (400, 0.1)])
+def test_the_default_sparse_graph_survives_the_studys_dropout_rate(n: int, dropout_rate: float):
+    """Liveness of the chosen graph, checked against the protocol's own neighbour and threshold rules: with the
+    study's rate of random dropouts, a round must almost never lose t holders in any neighbourhood."""
+    degree, rate = graph_for_cohort(n, 0, dropout_rate)
+    assert 2 * math.ceil(math.log2(n)) <= degree < n - 1 and degree % 2 == 0
+    rng = np.random.default_rng(n)
+    failures = 0
+    for trial in range(300):
+        graph = neighbours(list(range(1, n + 1)), degree, trial.to_bytes(32, "big"))
+        alive = set(range(1, n + 1)) - set(rng.choice(np.arange(1, n + 1), math.ceil(dropout_rate * n), False))
+        t = threshold(degree + 1, rate, 0)
+        assert t > (degree + 1) // 2  # a majority of every neighbourhood
+        failures += any(len((graph[u] | {u}) & alive) < t for u in graph)
+    assert failures <= 3  # the chooser promises <= 1e-3 a round; 3 of 300 would be a 10x miss
 
 
 # -- hostile servers: one refusal each -----------------------------------------------------------------------
