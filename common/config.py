@@ -228,7 +228,8 @@ class RunConfig:
         if self.secagg_min_cohort < 2:
             _fail("secagg_min_cohort", self.secagg_min_cohort, "must be at least 2 (a sum of one is the update)")
         if self.secagg_graph_degree < 0 or self.secagg_graph_degree % 2:
-            _fail("secagg_graph_degree", self.secagg_graph_degree, "must be 0 (chosen from the cohort size) or a positive even k")
+            _fail("secagg_graph_degree", self.secagg_graph_degree,
+                  "must be 0 (chosen from the cohort size) or a positive even k")
         if self.canaries < 0:
             _fail("canaries", self.canaries, "must be 0 (none) or a positive number of canaries")
         if self.secagg_max_weight < 1:

@@ -84,7 +84,8 @@ def graph_for_cohort(cohort: int, degree: int, dropout_rate: float, colluding: i
 def _more_than(limit: int, population: int, marked: int, draws: int) -> float:
     """P(X > limit) for X ~ Hypergeometric(population, marked, draws)."""
     top = min(marked, draws)
-    favourable = sum(math.comb(marked, x) * math.comb(population - marked, draws - x) for x in range(limit + 1, top + 1))
+    favourable = sum(math.comb(marked, x) * math.comb(population - marked, draws - x)
+                     for x in range(limit + 1, top + 1))
     return favourable / math.comb(population, draws)
 
 
