@@ -46,7 +46,7 @@ class FixedPoint:
         Few passes over the data: a masked update is as large as the model, and this runs on every site.
         """
         scaled = np.multiply(values, multiplier * self.scale, dtype=np.float64)
-        worst_scaled = float(np.max(np.abs(scaled))) if scaled.size else 0.0
+        worst_scaled = max(float(scaled.max()), -float(scaled.min())) if scaled.size else 0.0
         worst = worst_scaled / self.scale
         if not np.isfinite(worst):
             raise SecAggAbort(AbortReason.BAD_INPUT, "update contains NaN or infinity")
@@ -56,11 +56,11 @@ class FixedPoint:
             raise SecAggAbort(AbortReason.BAD_INPUT,
                               f"|value| {worst:.6g} exceeds the declared bound {self.value_bound:.6g}")
         rounded = np.floor(scaled)
-        np.subtract(scaled, rounded, out=scaled)  # fractional part in [0, 1)
-        np.multiply(scaled, 2.0**32, out=scaled)
-        uniform = keystream_words(rounding_seed or os.urandom(32), scaled.size)
-        rounded += scaled > uniform  # round up with probability equal to the fractional part
-        return rounded.astype(np.int64).astype(np.uint32)
+        fraction = np.subtract(scaled, rounded, out=scaled)  # in [0, 1), exact
+        uniform = np.multiply(keystream_words(rounding_seed or os.urandom(32), scaled.size), 2.0**-32)
+        rounded += fraction > uniform  # round up with probability equal to the fractional part
+        # |rounded| < 2^31 by the scale's construction: int32, then the same bits read as uint32
+        return rounded.astype(np.int32).view(np.uint32)
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         """Sum of encoded vectors (uint32, mod 2^32) -> sum of the real values (float64)."""
