@@ -60,12 +60,14 @@ class PoissonSampler:
 
 
 def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: SitePrivacy | None,
-                  generator: torch.Generator, *, secure_noise: bool = False) -> LocalUpdate:
+                  generator: torch.Generator, *, secure_noise: bool = False,
+                  audit: Callable[[DPOptimizer], None] | None = None) -> LocalUpdate:
     """Train `model` (holding the global weights) on the site's data; update `privacy`'s history in place.
 
     With `privacy`, this is DP-SGD whose PRV accountant is loaded with the site's whole history, so its epsilon is
     composed over every round so far. `generator` drives Poisson sampling and the noise, reproducibly; with
     `secure_noise` both come from a fresh AES-CTR stream instead (deployed sites) and `generator` is unused.
+    `audit` sees the round's optimizer before its first step (white-box canaries, client.canaries).
     """
     if privacy is None:
         return _train_without_dp(model, data, config, generator)
@@ -79,6 +81,8 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     with _private(model, "mean") as module:
         optimizer = _dp_optimizer(model, config, privacy, data.num_train, generator, secure)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
+        if audit is not None:
+            audit(optimizer)
         for _ in range(config.local_epochs):
             losses += [_image_step(module, optimizer, data, rows) for rows in sampler]
     privacy.record_steps(accountant.state_dict())

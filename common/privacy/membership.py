@@ -87,10 +87,12 @@ def one_run_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: f
         raise ValueError("need 0 <= correct <= guesses <= m")
     q = 1.0 / (1.0 + math.exp(-epsilon))
     tail = float(stats.binom.sf(correct - 1, guesses, q))
-    worst, mass = 0.0, 0.0
-    for i in range(1, correct + 1):
-        mass += float(stats.binom.pmf(correct - i, guesses, q))
-        worst = max(worst, mass / i)
+    if correct == 0:
+        return min(1.0, tail)
+    # mass_i = P[correct - i <= Binomial < correct], for i = 1..correct, in one vectorised pass
+    below = stats.binom.cdf(np.arange(correct - 1, -1, -1), guesses, q)  # P[B <= correct - i], i = 1..correct
+    masses = below - np.concatenate([below[1:], [0.0]])  # P[B = correct - i]
+    worst = float(np.max(np.cumsum(masses) / np.arange(1, correct + 1)))
     return min(1.0, tail + 2 * m * delta * worst)
 
 
@@ -111,3 +113,37 @@ def one_run_epsilon_lower_bound(m: int, guesses: int, correct: int, delta: float
         else:
             high = mid
     return low
+
+
+WHITEBOX_GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # fixed in advance: the union bound covers them all
+
+
+@dataclass(frozen=True)
+class WhiteBoxBound:
+    epsilon: float  # the lower bound, valid at `confidence` over the whole guess grid
+    guesses: int  # at the grid point that gave it
+    correct: int
+    ceiling: float  # what this many canaries could certify if every guess at the best grid point were right
+    canaries: int
+    confidence: float
+    score: str = ""  # the statistic that gave it
+
+
+def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: float,
+                   confidence: float = 0.95) -> WhiteBoxBound:
+    """For each score and each k in a grid fixed in advance, guess "in" for the k highest; each (score, k) bound at
+    confidence 1 - (1 - confidence) / (scores x grid) (Bonferroni), so the largest is a lower bound at `confidence`
+    overall. The ceiling: the same with every guess right."""
+    m = len(included)
+    each = 1 - (1 - confidence) / (len(scores) * len(WHITEBOX_GUESS_FRACTIONS))
+    best, ceiling = (0.0, 0, 0, ""), 0.0
+    for name, values in scores.items():
+        order = np.argsort(-np.asarray(values), kind="stable")
+        for fraction in WHITEBOX_GUESS_FRACTIONS:
+            k = max(1, int(fraction * m))
+            correct = int(np.asarray(included)[order[:k]].sum())
+            bound = one_run_epsilon_lower_bound(m, k, correct, delta, each)
+            ceiling = max(ceiling, one_run_epsilon_lower_bound(m, k, k, delta, each))
+            if bound > best[0]:
+                best = (bound, k, correct, name)
+    return WhiteBoxBound(best[0], best[1], best[2], ceiling, m, confidence, best[3])

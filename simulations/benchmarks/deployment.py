@@ -9,6 +9,9 @@ Round time is the median over the training rounds after the first (the first als
 calibrates noise). Bytes sent per site per round: every request body a SuperNode sends (all message stages,
 evaluation, heartbeats, polling) over the rounds, against the float32 model (4 bytes a parameter).
 One machine, two cores: the three sites and the server share them in both configurations.
+With --compare-identities, the same federation also runs a second study without enrolled identities (so without
+the consistency check: four secure-aggregation exchanges instead of five), under policies that allow unsigned
+advertisements, to price the extra exchange (bytes sent are then the mean over both studies' rounds).
 """
 
 from __future__ import annotations
@@ -38,22 +41,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-identities", action="store_true",
+                        help="also run the study without identities and the consistency check")
     args = parser.parse_args()
     names = [f"site-{k}" for k in range(args.sites)]
     model_bytes = 4 * count_parameters(global_model(resolve()))  # the default study's model, as both runs use
     with tempfile.TemporaryDirectory(prefix="carefed-deploy-") as tmp:
         work = Path(tmp)
+        study = {"num-sites": args.sites, "num-server-rounds": args.rounds, "output-dir": str(work / "runs")}
+        unsigned = {}
         with LoopbackDeployment(work / "loopback", names, capture=True) as deployment:
+            if args.compare_identities:  # before the federation writes the default policies
+                deployment.write_policies(("carefed-demo", "carefed-unsigned"), require_signatures=False)
             deployment.start_federation()
-            _, status = deployment.run({"num-sites": args.sites, "num-server-rounds": args.rounds,
-                                        "output-dir": str(work / "runs"), "run-name": "deployed"})
+            _, status = deployment.run({**study, "run-name": "deployed",
+                                        "identity-ca": str(deployment.study.ca_cert)})
+            if args.compare_identities and status == "finished:completed":
+                _, unsigned_status = deployment.run({**study, "run-name": "deployed-unsigned",
+                                                     "study-id": "carefed-unsigned", "secagg-identities": False})
+                if unsigned_status != "finished:completed":
+                    raise SystemExit(f"the unsigned run ended {unsigned_status}")
+                first, median = _round_seconds(work / "runs" / "deployed-unsigned")
+                unsigned = {"deployed_unsigned_round_s": round(median, 2),
+                            "deployed_unsigned_first_round_s": round(first, 2)}
         if status != "finished:completed":
             raise SystemExit(f"the deployed run ended {status}:\n{deployment.log('superlink')[-3000:]}")
         deployed_first, deployed = _round_seconds(work / "runs" / "deployed")
         sent = {}
         for name in names:
             requests = read_capture(str(work / "loopback" / "capture" / f"{name}.bin"))
-            sent[name] = sum(len(body) for _, body in requests) / args.rounds
+            sent[name] = sum(len(body) for _, body in requests) / (args.rounds * (2 if unsigned else 1))
         simulated = subprocess.run(
             [sys.executable, "-m", "simulations.cli", "simulate", "--sites", str(args.sites), "--rounds",
              str(args.rounds), "--output", str(work / "runs"), "--run-name", "simulated", "--format", "json"],
@@ -66,7 +83,9 @@ def main() -> None:
               "simulated_first_round_s": round(simulated_first, 2),
               "deployed_over_simulated": round(deployed / simulated_round, 2), "model_float32_bytes": model_bytes,
               "bytes_sent_per_site_per_round": {k: round(v) for k, v in sent.items()},
-              "sent_over_model": {k: round(v / model_bytes, 3) for k, v in sent.items()}}
+              "sent_over_model": {k: round(v / model_bytes, 3) for k, v in sent.items()}, **unsigned}
+    if unsigned:
+        result["identities_over_unsigned"] = round(deployed / unsigned["deployed_unsigned_round_s"], 2)
     print(json.dumps(result, indent=2))
 
 

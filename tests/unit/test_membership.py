@@ -12,6 +12,7 @@ from common.privacy.membership import (
     one_run_epsilon_lower_bound,
     one_run_p_value,
     roc,
+    whitebox_bound,
 )
 
 
@@ -54,3 +55,29 @@ def test_perfect_guessing_is_capped_by_the_number_of_guesses():
     bound = one_run_epsilon_lower_bound(1000, 100, 100, 0.0)
     q = 0.05 ** (1 / 100)
     assert bound == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
+
+
+def _p_value_by_the_definition(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """Steinke, Nasr & Jagielski (2023), Theorem 3.1's p-value written out term by term (no vectorisation)."""
+    q = math.exp(epsilon) / (1 + math.exp(epsilon))
+    pmf = [math.comb(guesses, j) * q**j * (1 - q) ** (guesses - j) for j in range(guesses + 1)]
+    tail = sum(pmf[correct:])
+    worst = max((sum(pmf[correct - i:correct]) / i for i in range(1, correct + 1)), default=0.0)
+    return min(1.0, tail + 2 * m * delta * worst)
+
+
+@pytest.mark.parametrize(("m", "guesses", "correct", "epsilon", "delta"),
+                         [(1000, 100, 90, 1.0, 1e-5), (1000, 100, 60, 0.5, 1e-3), (50, 20, 20, 2.0, 0.0),
+                          (500, 200, 0, 1.0, 1e-5), (2000, 400, 399, 4.0, 1e-5)])
+def test_one_run_p_value_matches_the_theorem_written_out(m, guesses, correct, epsilon, delta):
+    assert one_run_p_value(m, guesses, correct, epsilon, delta) == pytest.approx(
+        _p_value_by_the_definition(m, guesses, correct, epsilon, delta), rel=1e-9, abs=1e-12)
+
+
+def test_whitebox_bound_reaches_its_ceiling_only_when_every_guess_is_right():
+    rng = np.random.default_rng(0)
+    included = rng.random(2000) < 0.5
+    perfect = whitebox_bound({"s": included.astype(float) + rng.random(2000) * 0.1}, included, 1e-5)
+    assert perfect.epsilon == pytest.approx(perfect.ceiling) and perfect.correct == perfect.guesses
+    blind = whitebox_bound({"s": rng.random(2000), "t": rng.random(2000)}, included, 1e-5)
+    assert blind.epsilon < 0.5 < perfect.ceiling
