@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported: no calls home from a hospital
 
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from enum import Enum, StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -226,6 +227,10 @@ def audit(
     attack: Annotated[str | None, typer.Option(help="'mia': membership inference on the final model.")] = None,
     canaries: Annotated[int, typer.Option(help="Retrain once with this many canaries (one-run audit); 0: skip.")] = 0,
     control: Annotated[bool, typer.Option(help="With --canaries, also train a no-DP control.")] = True,
+    whitebox: Annotated[int, typer.Option(help="White-box gradient canaries per site: every site plays the game "
+                                               "with its own DP-SGD; 0: skip.")] = 0,
+    whitebox_epsilon: Annotated[float, typer.Option(help="The epsilon the white-box game calibrates for (where "
+                                                         "--whitebox canaries can fail an implementation).")] = 2.0,
     shadows: Annotated[int, typer.Option(help="Shadow models for the offline LiRA attack.")] = 8,
     sweep: Annotated[Path | None, typer.Option(help="sweep.json from simulations.sweep_privacy, for the report.")]
     = None,
@@ -240,8 +245,10 @@ def audit(
         raise fail(2, f"{path} does not exist; pass a run folder (runs/<run-id>/) or, with --site, a site ledger")
     if attack not in (None, "mia"):
         raise fail(2, f"--attack {attack!r} is not known; use --attack mia")
-    if site and (attack or canaries):
-        raise fail(2, "--attack and --canaries need the run folder (they retrain or score on the sites' data)")
+    if site and (attack or canaries or whitebox):
+        raise fail(2, "--attack, --canaries and --whitebox need the run folder (they train on the sites' data)")
+    if whitebox:
+        _check_whitebox(whitebox, whitebox_epsilon)
     if canaries < 0 or shadows < 2 or (sweep is not None and not sweep.is_file()):
         raise fail(2, "--canaries must be >= 0, --shadows >= 2, and --sweep must name an existing sweep.json")
     try:
@@ -251,7 +258,7 @@ def audit(
         raise fail(2, str(err)) from None
     extra: dict[str, Any] = {}
     if not site:
-        from simulations.empirical_audit import canary_audit, membership_inference
+        from simulations.empirical_audit import canary_audit, membership_inference, whitebox_audit
         from simulations.report import write_report
 
         try:
@@ -266,6 +273,13 @@ def audit(
                         report.problems.append(f"canary run '{name}': empirical epsilon lower bound "
                                                f"{arm['epsilon_lower_bound']:.3f} exceeds the theoretical "
                                                f"{arm['theoretical_epsilon']}: the DP guarantee does not hold")
+            if whitebox:
+                with console.status(f"White-box canaries: every site trains with {whitebox} canaries..."):
+                    extra["whitebox"] = whitebox_audit(path, whitebox, whitebox_epsilon)
+                report.problems += [
+                    f"site {site_}: white-box canaries prove epsilon >= {r['epsilon_lower_bound']:.3f}, above the "
+                    f"{r['claimed_epsilon']:.3f} its accountant claims: its DP-SGD does not do what the accountant "
+                    "assumes" for site_, r in extra["whitebox"]["sites"].items() if not r["consistent"]]
         except (FileNotFoundError, CareFedError) as err:
             raise fail(2, str(err)) from None
         extra["report"] = str(write_report(path, report, sweep))
@@ -275,6 +289,18 @@ def audit(
         _print_audit(report)
         _print_empirical(extra)
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _check_whitebox(canaries: int, epsilon: float) -> None:
+    """Refuse a white-box audit that could not fail: its canaries must be able to certify more than epsilon."""
+    from common.privacy.membership import whitebox_ceiling
+
+    if canaries < 0 or not 0 < epsilon <= 20:
+        raise fail(2, "--whitebox must be >= 0 and --whitebox-epsilon in (0, 20]")
+    ceiling = whitebox_ceiling(canaries, 1e-5)
+    if ceiling <= epsilon:
+        raise fail(2, f"{canaries} white-box canaries can certify at most epsilon {ceiling:.2f}, so they could not "
+                      f"fail an implementation at --whitebox-epsilon {epsilon:g}: use more canaries or a lower epsilon")
 
 
 def _print_empirical(extra: dict[str, Any]) -> None:
@@ -290,7 +316,14 @@ def _print_empirical(extra: dict[str, Any]) -> None:
         for name, arm in extra["canaries"]["arms"].items():
             theory = f"theoretical epsilon {arm['theoretical_epsilon']}" if arm["dp"] else "no DP"
             out.print(f"canaries ({name}): {arm['correct']}/{arm['guesses']} guesses right, epsilon lower bound "
-                      f"{arm['epsilon_lower_bound']:.3f} at 95% ({theory})")
+                      f"{arm['epsilon_lower_bound']:.3f} at 95% ({theory}); the most this audit can certify with "
+                      f"{extra['canaries']['canaries']} canaries is {arm.get('ceiling', math.nan):.2f}")
+    if "whitebox" in extra:
+        for site_, r in extra["whitebox"]["sites"].items():
+            out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% "
+                      f"({r['correct']}/{r['guesses']} right, {r['score']}), accountant {r['claimed_epsilon']:.3f} "
+                      f"(ratio {r['bound_over_claimed']:.2f}); the most {r['canaries']} canaries can certify: "
+                      f"{r['ceiling']:.2f}; {'consistent' if r['consistent'] else 'INCONSISTENT'}")
     if "report" in extra:
         out.print(f"report: {extra['report']}")
 

@@ -29,6 +29,7 @@ from common.data.site import (
     load_source_for,
     to_tensor,
 )
+from common.errors import CareFedError
 from common.privacy import SitePrivacy
 from common.privacy.membership import (
     cross_entropy,
@@ -192,5 +193,26 @@ def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) ->
         "dp": config.dp, "theoretical_epsilon": config.target_epsilon if config.dp else math.inf,
         "delta": config.target_delta, "included": int(planted.included.sum()), "guesses": 2 * k,
         "correct": correct, "epsilon_lower_bound": bound,
+        "ceiling": one_run_epsilon_lower_bound(m, 2 * k, 2 * k, config.target_delta),  # every guess right
         "consistent": (not config.dp) or bound <= config.target_epsilon,
     }
+
+
+def whitebox_audit(run_dir: Path, canaries: int, epsilon: float) -> dict[str, Any]:
+    """Every site of the run plays the white-box canary game (client.canaries) with the run's model, data, batch
+    size, epochs and planned rounds, its noise calibrated for `epsilon`: its own DP-SGD audited as it runs. The
+    audit epsilon is where this many canaries can fail an implementation (the verdict says when they cannot)."""
+    from client.canaries import play
+
+    config = run_config(run_dir).replace(target_epsilon=epsilon, site_epsilons="")
+    if config.privacy_unit != "image" or not config.dp:
+        raise CareFedError("the white-box game audits image-level DP-SGD; this run is "
+                           f"{'not private' if not config.dp else 'patient-level'}")
+    sites = {}
+    for site in range(config.num_sites):
+        result = play(config, load_site_data(config, site), canaries=canaries, seed=config.seed + site)
+        sites[str(site)] = result.to_json()
+    result = {"canaries": canaries, "audit_epsilon": epsilon, "sites": sites,
+              "can_fail": all(s["ceiling"] > s["claimed_epsilon"] for s in sites.values())}
+    write_json(run_dir / "audit" / "whitebox.json", result)
+    return result

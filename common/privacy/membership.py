@@ -129,6 +129,14 @@ class WhiteBoxBound:
     score: str = ""  # the statistic that gave it
 
 
+def whitebox_ceiling(canaries: int, delta: float, statistics: int = 2, confidence: float = 0.95) -> float:
+    """The most `whitebox_bound` can certify with this many canaries: every guess right at the best grid point.
+    An implementation leaking more than this cannot be told from one that leaks exactly this."""
+    each = 1 - (1 - confidence) / (statistics * len(WHITEBOX_GUESS_FRACTIONS))
+    return max(one_run_epsilon_lower_bound(canaries, k, k, delta, each)
+               for k in {max(1, int(f * canaries)) for f in WHITEBOX_GUESS_FRACTIONS})
+
+
 def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: float,
                    confidence: float = 0.95) -> WhiteBoxBound:
     """For each score and each k in a grid fixed in advance, guess "in" for the k highest; each (score, k) bound at
@@ -136,14 +144,14 @@ def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: f
     overall. The ceiling: the same with every guess right."""
     m = len(included)
     each = 1 - (1 - confidence) / (len(scores) * len(WHITEBOX_GUESS_FRACTIONS))
-    best, ceiling = (0.0, 0, 0, ""), 0.0
+    best = (0.0, 0, 0, "")
     for name, values in scores.items():
         order = np.argsort(-np.asarray(values), kind="stable")
         for fraction in WHITEBOX_GUESS_FRACTIONS:
             k = max(1, int(fraction * m))
             correct = int(np.asarray(included)[order[:k]].sum())
             bound = one_run_epsilon_lower_bound(m, k, correct, delta, each)
-            ceiling = max(ceiling, one_run_epsilon_lower_bound(m, k, k, delta, each))
             if bound > best[0]:
                 best = (bound, k, correct, name)
-    return WhiteBoxBound(best[0], best[1], best[2], ceiling, m, confidence, best[3])
+    return WhiteBoxBound(best[0], best[1], best[2], whitebox_ceiling(m, delta, len(scores), confidence), m,
+                         confidence, best[3])

@@ -61,7 +61,7 @@ from common import messages  # noqa: E402
 from common.config import RunConfig, resolve  # noqa: E402
 from common.logs import tidy_logging  # noqa: E402
 from common.secagg.identity import IdentityVerifier, enrol_virtual_sites  # noqa: E402
-from common.secagg.prg import MaskStream, available_cores  # noqa: E402
+from common.secagg.prg import MASK_KEY_BYTES, MaskStream, available_cores  # noqa: E402
 from common.secagg.protocol import COMPLETE_GRAPH_UP_TO  # noqa: E402
 from server.aggregation import DeltaSum  # noqa: E402
 from server.secagg_round import SecAggRound  # noqa: E402
@@ -255,9 +255,9 @@ def carefed_round(n: int, m: int, dropped: dict[int, int], system: CareFedSystem
 
 
 def keystream_floor(streams: int, length: int) -> float:
-    """One core regenerating `streams` AES-CTR keystreams of `length` words and adding them to a vector: the least
-    any mask-removal must spend (the seeds themselves come free here)."""
-    stream, acc = MaskStream(length), np.zeros(length, np.uint32)
+    """One core regenerating `streams` mask keystreams (the protocol's AES-128-CTR) of `length` words and adding them
+    to a vector: the least any mask removal must spend (the seeds themselves come free here)."""
+    stream, acc = MaskStream(length, MASK_KEY_BYTES), np.zeros(length, np.uint32)
     seeds = [os.urandom(32) for _ in range(streams)]
     started = time.perf_counter()
     for seed in seeds:
