@@ -11,7 +11,7 @@ Context.state between stages (the ClientApp is re-created for every message) and
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.policy_gate import enrolment_for
@@ -35,6 +35,7 @@ from common.secagg.stages import (
     parse_request,
 )
 from common.update_codec import clip_l2, flatten
+from common.wire import npy_array
 
 SESSION_STATE = "carefed.secagg-session"
 
@@ -142,7 +143,7 @@ def _masked_input(msg: Message, request: MaskedInputRequest, session: ClientSess
     context.state[SESSION_STATE] = ConfigRecord(session.to_state())
     reply = RecordDict({
         messages.STATUS: content[messages.STATUS],
-        messages.MASKED_UPDATE: ArrayRecord({"masked": Array(masked)}),
+        messages.MASKED_UPDATE: ArrayRecord({"masked": npy_array(masked)}),
         # only what is not secret: which site, how many steps; the count and the clip flag ride masked
         messages.TRAIN_METRICS: MetricRecord({"site": int(metrics["site"]), "steps": int(metrics["steps"])}),
     })

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from flwr.app import Array
 from numpy.lib import format as npy_format
 
 
@@ -31,3 +32,13 @@ def array_view(data: bytes, dtype: np.dtype | type, length: int) -> np.ndarray:
     if len(data) - offset != length * expected.itemsize:
         raise ValueError("array payload has the wrong size")
     return np.frombuffer(data, dtype=expected, count=length, offset=offset)
+
+
+def npy_array(vector: np.ndarray) -> Array:
+    """A Flower Array holding exactly the bytes `Array(vector)` holds (np.save's .npy format), written with one
+    copy instead of np.save's two: the masked update is model-sized and every site sends one each round."""
+    vector = np.ascontiguousarray(vector)
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, npy_format.header_data_from_array_1_0(vector))
+    data = b"".join([header.getvalue(), memoryview(vector).cast("B")])
+    return Array(dtype=str(vector.dtype), shape=tuple(vector.shape), stype="numpy.ndarray", data=data)

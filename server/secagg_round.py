@@ -97,7 +97,7 @@ class SecAggRound:
     # -- one method per stage, mirroring ServerSession ------------------------------------------------------
     def advertise_keys(self, cohort: list[int]) -> list[Advertisement]:
         request = AdvertiseRequest(self.round, self.model_hash, self.protocol)
-        replies = self._key_stage(Stage.ADVERTISE, cohort, lambda _: request.record(), len(cohort))
+        replies = self._key_stage(Stage.ADVERTISE, cohort, request.record(), len(cohort))
         ads = {u: Advertisement(u, r.c_pk, r.s_pk, r.signature, r.certificate) for u, r in replies.items()}
         return self.session.receive_advertisements(self._enrolled(ads))
 
@@ -125,7 +125,7 @@ class SecAggRound:
         request = ShareKeysRequest(self.round, self.model_hash, {ad.node_id: ad.c_pk for ad in relay},
                                    {ad.node_id: ad.s_pk for ad in relay}, {ad.node_id: ad.signature for ad in relay},
                                    {ad.node_id: ad.certificate for ad in relay})
-        replies = self._key_stage(Stage.SHARE_KEYS, u1, lambda _: request.record(), len(u1))
+        replies = self._key_stage(Stage.SHARE_KEYS, u1, request.record(), len(u1))
         shares = {u: r.ciphertexts for u, r in replies.items() if r.session == self.session.session}
         self.cohort_size = len(u1)
         return self.session.receive_shares(shares)
@@ -150,14 +150,14 @@ class SecAggRound:
         if not self.protocol.require_signatures:
             return {}
         record = ConsistencyRequest(self.round, self.model_hash, self.session.session, request.alive).record()
-        replies = self._key_stage(Stage.CONSISTENCY, request.alive, lambda _: record, self.cohort_size)
+        replies = self._key_stage(Stage.CONSISTENCY, request.alive, record, self.cohort_size)
         return {u: reply.signature for u, reply in sorted(replies.items())}
 
     def unmask(self, request: UnmaskRequest, signatures: dict[int, bytes]) -> DeltaSum:
         record = Unmask(self.round, self.model_hash, self.session.session, request.alive, request.dropped,
                         signatures).record()
         asked = list(signatures) if self.protocol.require_signatures else request.alive  # those that signed
-        replies = self._key_stage(Stage.UNMASK, asked, lambda _: record, self.cohort_size)
+        replies = self._key_stage(Stage.UNMASK, asked, record, self.cohort_size)
         total = self.session.receive_unmasking(
             {u: UnmaskResponse(r.b_shares, r.s_shares) for u, r in replies.items()})
         result = self._decode(total, len(request.alive))
@@ -176,12 +176,12 @@ class SecAggRound:
         check_aggregate(result, self.config.secagg_max_weight, self.config.update_clip_norm, rounding)
         return result
 
-    def _key_stage(self, stage: Stage, nodes: list[int], record_for: Callable[[int], dict[str, Any]],
-                   max_items: int) -> dict[int, Any]:
-        """Send a key stage; parse each reply by its schema. A reply that does not parse is that site dropping
-        at this stage (named in the log and in metrics), never an exception out of the round."""
-        replies = self._exchange(stage, nodes,
-                                 lambda node: RecordDict({messages.SECAGG: ConfigRecord(record_for(node))}))
+    def _key_stage(self, stage: Stage, nodes: list[int], request: dict[str, Any], max_items: int) -> dict[int, Any]:
+        """Send a key stage (the same request to every site: its record is built once and shared, read-only); parse
+        each reply by its schema. A reply that does not parse is that site dropping at this stage (named in the log
+        and in metrics), never an exception out of the round."""
+        record = ConfigRecord(request)
+        replies = self._exchange(stage, nodes, lambda node: RecordDict({messages.SECAGG: record}))
         parsed, malformed = {}, []
         for node, content in replies.items():
             try:

@@ -57,7 +57,8 @@ class FixedPoint:
                               f"|value| {worst:.6g} exceeds the declared bound {self.value_bound:.6g}")
         rounded = np.floor(scaled)
         fraction = np.subtract(scaled, rounded, out=scaled)  # in [0, 1), exact
-        uniform = np.multiply(keystream_words(rounding_seed or os.urandom(32), scaled.size), 2.0**-32)
+        np.multiply(fraction, 2.0**32, out=fraction)  # exact (a power of two); compared with uint32 words below
+        uniform = keystream_words(rounding_seed or os.urandom(32), scaled.size)
         rounded += fraction > uniform  # round up with probability equal to the fractional part
         # |rounded| < 2^31 by the scale's construction: int32, then the same bits read as uint32
         return rounded.astype(np.int32).view(np.uint32)

@@ -11,8 +11,9 @@ the server's unmasking time.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -30,7 +31,7 @@ class MaskStream:
     def __init__(self, length: int, key_bytes: int = SEED_BYTES) -> None:
         self.length = length
         self.key_bytes = key_bytes
-        self._zeros = memoryview(np.zeros(4 * length, dtype=np.uint8))
+        self._zeros = _zeros(4 * length)
         self._scratch = np.empty(length + _BLOCK_SLACK_WORDS, dtype=np.uint32)
 
     def keystream(self, seed: bytes, counter: bytes = ZERO_COUNTER) -> np.ndarray:
@@ -49,6 +50,15 @@ class MaskStream:
     def subtract(self, acc: np.ndarray, seed: bytes) -> None:
         """acc -= PRG(seed) in Z_2^32."""
         np.subtract(acc, self.keystream(seed), out=acc)
+
+
+@lru_cache(maxsize=4)
+def _zeros(size: int) -> memoryview:
+    """AES-CTR encrypts zeros into the keystream: one read-only buffer per size, shared by every stream (a fresh
+    one per stream would fault its pages in each time)."""
+    zeros = np.zeros(size, dtype=np.uint8)
+    zeros.flags.writeable = False
+    return memoryview(zeros)
 
 
 def keystream_words(seed: bytes, length: int) -> np.ndarray:
@@ -72,18 +82,22 @@ def apply_masks(acc: np.ndarray, add: Sequence[bytes], subtract: Sequence[bytes]
     """acc += sum MASK(a) - sum MASK(s) in Z_2^32 (AES-128-CTR masks), over `workers` threads (default: every core).
 
     The keystreams are independent and AES-CTR can start at any block, so each thread takes a contiguous slice
-    of the vector and regenerates that slice of every stream; OpenSSL releases the GIL while it encrypts, and
-    each slice's scratch stays in cache. No extra copy of the vector is made."""
+    of the vector and regenerates that slice of every stream; OpenSSL releases the GIL while it encrypts. No
+    extra copy of the vector is made."""
+    in_slices(acc, lambda part, offset: _apply_slice(part, offset, add, subtract), workers)
+
+
+def in_slices(acc: np.ndarray, work: Callable[[np.ndarray, int], None], workers: int | None = None) -> None:
+    """work(slice, offset) over contiguous, block-aligned slices of `acc`, one thread each (numpy and OpenSSL
+    release the GIL); slices of less than 64K words are not worth a thread."""
     workers = max(1, min(workers or available_cores(), acc.size // 65_536 + 1))
     if workers == 1:
-        _apply_slice(acc, 0, add, subtract)
+        work(acc, 0)
         return
     step = -(-acc.size // workers)
     step += -step % WORDS_PER_BLOCK
     with ThreadPoolExecutor(workers) as pool:
-        slices = [pool.submit(_apply_slice, acc[start:start + step], start, add, subtract)
-                  for start in range(0, acc.size, step)]
-        for done in slices:
+        for done in [pool.submit(work, acc[start:start + step], start) for start in range(0, acc.size, step)]:
             done.result()
 
 

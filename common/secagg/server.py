@@ -17,7 +17,7 @@ import numpy as np
 from common.secagg import keys, shamir
 from common.secagg.client import Advertisement, UnmaskResponse
 from common.secagg.errors import AbortReason, SecAggAbort
-from common.secagg.prg import apply_masks
+from common.secagg.prg import apply_masks, in_slices
 from common.secagg.protocol import ProtocolConfig, mask_sign, neighbours, session_id, threshold
 
 
@@ -131,17 +131,23 @@ class ServerSession:
     # -- stage 2 -> 3 ----------------------------------------------------------------------------------------
     def receive_masked_inputs(self, inputs: Mapping[int, np.ndarray] | Iterable[tuple[int, np.ndarray]]
                               ) -> UnmaskRequest:
-        """U3: well-formed masked inputs. Only their running sum is kept (inputs may be a lazy iterable)."""
+        """U3: well-formed masked inputs (views into the replies), summed over the server's cores."""
         self._expect(ServerStage.COLLECT_MASKED_INPUTS)
         length = self.config.vector_length
-        total = np.zeros(length, dtype=np.uint32)
-        alive, received = set(self.shares_alive), set()
+        alive, vectors = set(self.shares_alive), {}
         pairs = inputs.items() if isinstance(inputs, Mapping) else inputs
         for u, y in pairs:
-            if u in alive and u not in received and isinstance(y, np.ndarray) and y.dtype == np.uint32 \
+            if u in alive and u not in vectors and isinstance(y, np.ndarray) and y.dtype == np.uint32 \
                     and y.shape == (length,):
-                np.add(total, y, out=total)
-                received.add(u)
+                vectors[u] = y
+        received = set(vectors)
+        total = np.zeros(length, dtype=np.uint32)
+
+        def add_up(part: np.ndarray, offset: int) -> None:
+            for y in vectors.values():
+                np.add(part, y[offset:offset + part.size], out=part)
+
+        in_slices(total, add_up, self.workers)
         self.survivors = sorted(received)
         self.dropped = sorted(alive - received)
         self._note_drops("masked-input", set(self.dropped))

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from Crypto.Cipher import AES  # PyCryptodome: an independent AES implementation
+from Crypto.Cipher import AES
+from flwr.app import Array  # PyCryptodome: an independent AES implementation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,7 @@ from common.secagg import keys, shamir
 from common.secagg.encoding import FixedPoint
 from common.secagg.errors import SecAggAbort
 from common.secagg.prg import MaskStream, apply_masks, counter_at, keystream_words
+from common.wire import array_view, npy_array
 
 # NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt, block #1
 NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
@@ -147,10 +149,6 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def test_array_view_reads_npy_bytes_in_place_and_refuses_anything_else():
-    from flwr.app import Array
-
-    from common.wire import array_view
-
     vector = np.arange(10, dtype=np.uint32)
     view = array_view(Array(vector).data, np.uint32, 10)
     assert np.array_equal(view, vector) and not view.flags.writeable
@@ -172,3 +170,13 @@ def test_a_spare_share_catches_a_wrong_share_and_exactly_t_shares_cannot_be_chec
         with pytest.raises(ValueError, match="do not lie on one polynomial"):
             shamir.check_spare(bad, 3)
     shamir.check_spare({x: shares[x] for x in (11, 12, 13)}, 3)  # no spare: nothing to check
+
+
+@settings(max_examples=30, deadline=None)
+@given(length=st.integers(0, 5000), dtype=st.sampled_from([np.uint32, np.float32, np.int64]))
+def test_npy_array_holds_the_bytes_flower_writes(length: int, dtype):
+    vector = (np.arange(length) * 2654435761).astype(dtype)
+    mine, flowers = npy_array(vector), Array(vector)
+    assert (mine.data, mine.dtype, mine.shape, mine.stype) == (flowers.data, flowers.dtype, flowers.shape,
+                                                                flowers.stype)
+    assert np.array_equal(array_view(mine.data, dtype, length), vector)
