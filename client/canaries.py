@@ -36,9 +36,10 @@ from client.site import calibrate_site
 from client.trainer import train_locally
 from common.config import RunConfig
 from common.data.site import SiteData
+from common.errors import CareFedError
 from common.models import build_model
 from common.privacy.accountant import SitePrivacy
-from common.privacy.membership import WhiteBoxBound, whitebox_bound
+from common.privacy.membership import WhiteBoxBound, whitebox_bound, whitebox_ceiling
 
 AMPLITUDE = 10.0  # a canary's norm before clipping, in units of C: an optimizer that does not clip lets 10x through
 REPEATED_NOISE_SEED = 20_231_130
@@ -197,10 +198,28 @@ class GameResult:
                 "seconds": self.seconds}
 
 
+def whitebox_problem(canaries: int, epsilon: float, delta: float = 1e-5) -> str:
+    """Why a game with these settings could not fail an implementation ("" when it could)."""
+    if canaries < 1 or not 0 < epsilon <= 20:
+        return "white-box canaries must be >= 1 and the audit epsilon in (0, 20]"
+    ceiling = whitebox_ceiling(canaries, delta)
+    if ceiling <= epsilon:
+        return (f"{canaries} white-box canaries can certify at most epsilon {ceiling:.2f}, so they could not fail an "
+                f"implementation at epsilon {epsilon:g}: use more canaries or a lower audit epsilon")
+    return ""
+
+
 def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage = Breakage.NONE, seed: int = 0,
-         secure_noise: bool = False) -> GameResult:
+         secure_noise: bool = False, require_power: bool = True) -> GameResult:
     """Train the site's model for the study's planned rounds with its own DP-SGD (noise calibrated as the site
-    calibrates it) and `canaries` Dirac canaries; bound epsilon from the iterates and compare with the accountant."""
+    calibrates it) and `canaries` Dirac canaries; bound epsilon from the iterates and compare with the accountant.
+    Refused when the game could not fail at this epsilon, unless `require_power` is off (to measure tightness)."""
+    if config.privacy_unit != "image" or not config.dp:
+        raise CareFedError("the white-box game audits image-level DP-SGD; this study is "
+                           f"{'not private' if not config.dp else 'patient-level'}")
+    problem = whitebox_problem(canaries, config.target_epsilon)
+    if problem and (require_power or canaries < 1):
+        raise CareFedError(problem)
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = build_model(config.model, in_channels=int(data.train_x.shape[1]),

@@ -293,14 +293,11 @@ def audit(
 
 def _check_whitebox(canaries: int, epsilon: float) -> None:
     """Refuse a white-box audit that could not fail: its canaries must be able to certify more than epsilon."""
-    from common.privacy.membership import whitebox_ceiling
+    from client.canaries import whitebox_problem
 
-    if canaries < 0 or not 0 < epsilon <= 20:
-        raise fail(2, "--whitebox must be >= 0 and --whitebox-epsilon in (0, 20]")
-    ceiling = whitebox_ceiling(canaries, 1e-5)
-    if ceiling <= epsilon:
-        raise fail(2, f"{canaries} white-box canaries can certify at most epsilon {ceiling:.2f}, so they could not "
-                      f"fail an implementation at --whitebox-epsilon {epsilon:g}: use more canaries or a lower epsilon")
+    problem = whitebox_problem(canaries, epsilon)
+    if problem:
+        raise fail(2, problem.replace("audit epsilon", "--whitebox-epsilon"))
 
 
 def _print_empirical(extra: dict[str, Any]) -> None:

@@ -107,6 +107,9 @@ def site_check(
                                               ".")] = None,
     policy: Annotated[Path | None, typer.Option(help="The site's policy file: validated, and the study checked "
                                                 "against it.")] = None,
+    whitebox: Annotated[int, typer.Option(help="Audit this site's own DP-SGD with this many white-box gradient "
+                                               "canaries on its own images (nothing leaves the site); 0: skip.")] = 0,
+    whitebox_epsilon: Annotated[float, typer.Option(help="The epsilon the white-box game calibrates for.")] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Validate a site's policy and images before it joins: whether the study stays inside the policy; counts per
@@ -140,11 +143,24 @@ def site_check(
                                                      num_classes=source.num_classes)
         report = {"data": str(data), **key_report, **policy_report, **summary, "train-images": site_data.num_train,
                   "local-test-images": int(len(site_data.test_y)), "privacy": _privacy_plan(config, site_data)}
+        if whitebox:
+            report["whitebox"] = _whitebox_game(config, site_data, whitebox, whitebox_epsilon)
     except CareFedError as err:
         raise fail(2, str(err)) from None
     _print_json_or(as_json, report, _print_site_report)
     if policy_report and not policy_report["study-allowed"]:
         raise typer.Exit(1)
+    if whitebox and not report["whitebox"]["consistent"]:
+        raise typer.Exit(1)
+
+
+def _whitebox_game(config: Any, site_data: Any, canaries: int, epsilon: float) -> dict[str, Any]:
+    """The white-box canary game on this site's own images, with the noise source a deployed site uses."""
+    from client.canaries import play
+
+    with console.status(f"White-box canaries: training with {canaries} canaries on this site's images..."):
+        return play(config.replace(target_epsilon=epsilon), site_data, canaries=canaries,
+                    secure_noise=True).to_json()
 
 
 def _print_json_or(as_json: bool, report: dict[str, Any], printer: Any) -> None:
@@ -239,6 +255,14 @@ def _print_site_report(report: dict[str, Any]) -> None:
                   f"{plan['steps-per-round']} steps per round; epsilon after each planned round: "
                   + ", ".join(f"{e:.2f}" for e in plan["epsilon-after-round"])
                   + f" (budget {plan['budget']:g})")
+    if "whitebox" in report:
+        game = report["whitebox"]
+        verdict = "[green]consistent[/]" if game["consistent"] else "[red]INCONSISTENT: this site's DP-SGD does not " \
+                                                                      "do what its accountant assumes[/]"
+        out.print(f"White-box canaries ({game['canaries']}, noise calibrated for epsilon {game['claimed_epsilon']:.2f}"
+                  f" over {game['rounds']} rounds, {game['steps']} steps): epsilon >= {game['epsilon_lower_bound']:.3f}"
+                  f" at 95% ({game['correct']}/{game['guesses']} right); the most they can certify: "
+                  f"{game['ceiling']:.2f}; {verdict}", soft_wrap=True)
 
 
 policy_app = typer.Typer(help="The site's privacy policy: the ceiling on what any coordinator may ask.",

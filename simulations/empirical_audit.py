@@ -29,7 +29,6 @@ from common.data.site import (
     load_source_for,
     to_tensor,
 )
-from common.errors import CareFedError
 from common.privacy import SitePrivacy
 from common.privacy.membership import (
     cross_entropy,
@@ -205,9 +204,6 @@ def whitebox_audit(run_dir: Path, canaries: int, epsilon: float) -> dict[str, An
     from client.canaries import play
 
     config = run_config(run_dir).replace(target_epsilon=epsilon, site_epsilons="")
-    if config.privacy_unit != "image" or not config.dp:
-        raise CareFedError("the white-box game audits image-level DP-SGD; this run is "
-                           f"{'not private' if not config.dp else 'patient-level'}")
     sites = {}
     for site in range(config.num_sites):
         result = play(config, load_site_data(config, site), canaries=canaries, seed=config.seed + site)

@@ -43,16 +43,38 @@ def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
 
 
 def lagrange_at(xs: Sequence[int], point: int) -> list[int]:
-    """Coefficients l_j with f(point) = sum_j l_j f(x_j) for any polynomial of degree < len(xs)."""
-    weights = []
-    for j, xj in enumerate(xs):
-        num, den = 1, 1
+    """Coefficients l_j with f(point) = sum_j l_j f(x_j) for any polynomial of degree < len(xs).
+
+    Numerators from prefix and suffix products, one modular inversion for all j (Montgomery's batch trick): the
+    server reconstructs a secret per site, so this runs hundreds of times a round."""
+    shifted = [(x - point) % PRIME for x in xs]
+    prefix, suffix = [1], [1]
+    for a, b in zip(shifted, reversed(shifted), strict=True):
+        prefix.append(prefix[-1] * a % PRIME)
+        suffix.append(suffix[-1] * b % PRIME)
+    t = len(xs)
+    numerators = [prefix[j] * suffix[t - 1 - j] % PRIME for j in range(t)]  # product of the others' (x_m - point)
+    denominators = []
+    for j, xj in enumerate(xs):  # x-coordinates are 64-bit ids: the exact product is small, reduce it once
+        den = 1
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * (xm - point) % PRIME
-                den = den * (xm - xj) % PRIME
-        weights.append(num * pow(den, -1, PRIME) % PRIME)
-    return weights
+                den *= xm - xj
+        denominators.append(den % PRIME)
+    return [n * inv % PRIME for n, inv in zip(numerators, _inverses(denominators), strict=True)]
+
+
+def _inverses(values: Sequence[int]) -> list[int]:
+    """Every value's inverse mod PRIME with a single pow(): prefix products, one inverse, then back."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    running = pow(prefix[-1], -1, PRIME)
+    inverses = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        inverses[i] = running * prefix[i] % PRIME
+        running = running * values[i] % PRIME
+    return inverses
 
 
 def check_spare(shares: Mapping[int, int], threshold: int,

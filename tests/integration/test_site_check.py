@@ -108,3 +108,16 @@ def test_the_opt_in_is_counted_and_the_report_says_those_images_get_only_image_l
     assert "3 image(s) have no patient id and were loaded as one patient each" in out
     assert "privacy unit is 'patient'" in out and "protected only as single images, even at patient level" in out
     assert "Privacy (patient-level" in out
+
+
+def test_a_site_audits_its_own_dp_sgd_with_white_box_canaries_on_its_own_images(tmp_path: Path):
+    data = _site_folder(tmp_path / "images")
+    result = _carefed("site", "check", "--data", str(data), "--rounds", "4", "--whitebox", "1000", "--json",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    game = json.loads(result.stdout)["whitebox"]
+    assert game["consistent"] and game["canaries"] == 1000 and game["rounds"] == 4
+    assert 1.9 <= game["claimed_epsilon"] <= 2.0 < game["ceiling"]  # calibrated for 2, and it could have failed
+
+    too_few = _carefed("site", "check", "--data", str(data), "--whitebox", "20", cwd=tmp_path)
+    assert too_few.returncode == 2 and "could not fail" in too_few.stderr
