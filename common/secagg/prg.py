@@ -1,8 +1,8 @@
 """Keystreams: AES-CTR read as little-endian uint32 words, written into preallocated buffers.
 
-Seeds are 32 bytes; the counter starts at zero (each seed is used for exactly one stream). A MaskStream keys AES
-with the seed's first `key_bytes` bytes: all 32 (AES-256) by default, as the DP noise source and the rounding
-randomness use it; the secure-aggregation masks (`apply_masks`) use AES-128 (MASK_KEY_BYTES). Their seeds come
+Seeds are 32 bytes; the counter starts at zero (each seed is used for exactly one stream). A MaskStream keys
+AES-256 with the seed itself by default, as the DP noise source and the rounding randomness use it; the
+secure-aggregation masks (`apply_masks`) use AES-128 (MASK_KEY_BYTES) under SHA-256 of the whole seed. Their seeds come
 from X25519 + HKDF-SHA256 (pairwise) or os.urandom (self masks), and the protocol's keys and signatures
 (X25519, Ed25519, P-256) are at the 128-bit level: AES-128 matches it, and is 1.9x faster here, which is most of
 the server's unmasking time.
@@ -10,6 +10,7 @@ the server's unmasking time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 32
 MASK_KEY_BYTES = 16  # AES-128 for masks (see above)
+MASK_KEY_DOMAIN = b"carefed/secagg/mask-key/v1"
 ZERO_COUNTER = bytes(16)
 WORDS_PER_BLOCK = 4  # one 16-byte AES block is four uint32 words: the counter of word w's block is w // 4
 _BLOCK_SLACK_WORDS = 4  # update_into needs len(data) + block_size - 1 bytes of room
@@ -38,7 +40,7 @@ class MaskStream:
         """The first `length` words of the stream (a view into scratch: use before the next call)."""
         if len(seed) != SEED_BYTES:
             raise ValueError(f"mask seeds are {SEED_BYTES} bytes, got {len(seed)}")
-        encryptor = Cipher(algorithms.AES(seed[: self.key_bytes]), modes.CTR(counter)).encryptor()
+        encryptor = Cipher(algorithms.AES(_aes_key(seed, self.key_bytes)), modes.CTR(counter)).encryptor()
         written = encryptor.update_into(self._zeros, self._scratch.view(np.uint8))
         assert written == 4 * self.length
         return self._scratch[: self.length]
@@ -50,6 +52,14 @@ class MaskStream:
     def subtract(self, acc: np.ndarray, seed: bytes) -> None:
         """acc -= PRG(seed) in Z_2^32."""
         np.subtract(acc, self.keystream(seed), out=acc)
+
+
+def _aes_key(seed: bytes, key_bytes: int) -> bytes:
+    """The seed itself for AES-256; for a shorter key, SHA-256 of the whole seed (domain-separated), truncated, so
+    every bit of the seed matters (a seed changed in any byte gives an unrelated mask)."""
+    if key_bytes == SEED_BYTES:
+        return seed
+    return hashlib.sha256(MASK_KEY_DOMAIN + seed).digest()[:key_bytes]
 
 
 @lru_cache(maxsize=4)

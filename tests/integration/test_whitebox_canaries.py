@@ -37,3 +37,31 @@ def test_the_correct_implementation_passes_with_a_positive_bound():
     assert result.consistent
     assert 0 < result.bound.epsilon < result.claimed_epsilon
     assert result.bound.ceiling > 2 * result.claimed_epsilon  # it could have failed: the audit has the power
+
+
+@pytest.mark.slow
+def test_carefed_audit_fails_a_run_whose_sites_train_with_broken_dp_sgd(tmp_path, monkeypatch):
+    """The CLI path: `carefed audit --whitebox` on a real run, with every site's game playing a broken DP-SGD
+    (the test-only switch, set here by patching; the CLI cannot select one) exits 1 and names each site."""
+    import functools
+
+    from typer.testing import CliRunner
+
+    import client.canaries
+    from simulations.cli import app
+    from tests.conftest import carefed
+
+    sim = carefed("simulate", "--sites", "3", "--rounds", "2", "--run-name", "study", "--output", str(tmp_path),
+                  cwd=tmp_path)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    run = tmp_path / "study"
+    honest = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "2000"])
+    assert honest.exit_code == 0, honest.output[-3000:]
+    monkeypatch.setattr(client.canaries, "play", functools.partial(client.canaries.play,
+                                                                   breakage=Breakage.NOISE_TENTH))
+    broken = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "2000"])
+    assert broken.exit_code == 1
+    printed = " ".join(broken.output.split())  # the console wraps long lines
+    for site in range(3):
+        assert f"site {site}: white-box canaries prove epsilon" in printed
+    assert "does not do what the accountant assumes" in printed

@@ -1,5 +1,7 @@
 """Known answers and invariants for the primitives under the protocol."""
 
+import hashlib
+
 import numpy as np
 import pytest
 from Crypto.Cipher import AES
@@ -43,8 +45,9 @@ def test_masks_add_and_subtract_to_zero():
 
 
 def _aes128_mask(seed: bytes, length: int) -> np.ndarray:
-    """The mask of a 32-byte seed by an independent AES (PyCryptodome): AES-128-CTR under its first 16 bytes."""
-    stream = AES.new(seed[:16], AES.MODE_CTR, nonce=b"", initial_value=bytes(16)).encrypt(bytes(4 * length))
+    """The mask of a 32-byte seed by an independent AES (PyCryptodome): AES-128-CTR under SHA-256 of the seed."""
+    key = hashlib.sha256(b"carefed/secagg/mask-key/v1" + seed).digest()[:16]
+    stream = AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=bytes(16)).encrypt(bytes(4 * length))
     return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
 
 
@@ -60,6 +63,15 @@ def test_masks_applied_in_slices_by_threads_are_aes128_ctr_streams(workers: int)
     acc = np.arange(length, dtype=np.uint32)
     apply_masks(acc, seeds[:3], seeds[3:], workers)
     assert np.array_equal(acc, expected)
+
+
+def test_a_mask_seed_changed_in_its_last_byte_gives_an_unrelated_mask():
+    seed = bytes(range(32))
+    near = seed[:-1] + bytes([seed[-1] ^ 1])  # e.g. a reconstruction off by a small amount
+    a, b = np.zeros(1000, np.uint32), np.zeros(1000, np.uint32)
+    apply_masks(a, [seed], [])
+    apply_masks(b, [near], [])
+    assert np.mean(a == b) < 0.01
 
 
 def test_a_stream_resumes_only_at_a_block_boundary():
