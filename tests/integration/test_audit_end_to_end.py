@@ -35,8 +35,7 @@ def test_audit_attacks_and_report_of_a_small_study(tmp_path: Path):
     assert sim.returncode == 0, sim.stderr[-3000:]
     run = tmp_path / "study"
 
-    result = carefed("audit", str(run), "--attack", "mia", "--shadows", "2", "--canaries", "300", "--whitebox", "1000",
-                     "--json",
+    result = carefed("audit", str(run), "--attack", "mia", "--shadows", "2", "--canaries", "300", "--json",
                      cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     audit = json.loads(result.stdout)
@@ -56,17 +55,11 @@ def test_audit_attacks_and_report_of_a_small_study(tmp_path: Path):
     assert (run / "audit" / "mia.json").is_file() and (run / "audit" / "canaries.json").is_file()
     assert arms["as-run"]["ceiling"] >= arms["as-run"]["epsilon_lower_bound"]
 
-    whitebox = audit["whitebox"]
-    assert set(whitebox["sites"]) == {"0", "1", "2"} and whitebox["can_fail"]
-    for site in whitebox["sites"].values():  # each site's own DP-SGD, audited with power, passes
-        assert site["consistent"] and site["ceiling"] > site["claimed_epsilon"] == pytest.approx(2.0, abs=0.05)
-
     dom = render_in_chromium(run / "report.html")
     body = re.search(r"<body[^>]*>", dom).group(0)
     total = int(re.search(r'data-images-total="(\d+)"', body).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', body).group(1))
-    assert total >= 5 and loaded == total  # accuracy, fairness, epsilon, MIA ROC, white-box canaries
+    assert total >= 4 and loaded == total  # accuracy, fairness, epsilon, MIA ROC
     for section in ("Ledger verification", "Audit passed", "Membership inference", "One-run canary audit",
-                    "White-box canaries at every site", "lower bound against the accountant",
                     "Per-site accuracy"):
         assert section in dom

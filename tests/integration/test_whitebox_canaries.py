@@ -7,6 +7,9 @@ are measured separately (see the issue's closing note), not asserted.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from client.canaries import Breakage, play
@@ -50,13 +53,22 @@ def test_carefed_audit_fails_a_run_whose_sites_train_with_broken_dp_sgd(tmp_path
     import client.canaries
     from simulations.cli import app
     from tests.conftest import carefed
+    from tests.integration.test_audit_end_to_end import render_in_chromium
 
     sim = carefed("simulate", "--sites", "3", "--rounds", "2", "--run-name", "study", "--output", str(tmp_path),
                   cwd=tmp_path)
     assert sim.returncode == 0, sim.stderr[-3000:]
     run = tmp_path / "study"
-    honest = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "2000"])
+    honest = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "2000", "--json"])
     assert honest.exit_code == 0, honest.output[-3000:]
+    whitebox = json.loads(honest.output)["whitebox"]
+    assert set(whitebox["sites"]) == {"0", "1", "2"} and whitebox["can_fail"]
+    for site in whitebox["sites"].values():  # each site's own DP-SGD, audited with power, passes
+        assert site["consistent"] and site["ceiling"] > site["claimed_epsilon"] == pytest.approx(2.0, abs=0.05)
+    dom = render_in_chromium(run / "report.html")  # the report's new section and its plot load
+    assert "White-box canaries at every site" in dom and "lower bound against the accountant" in dom
+    total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
+    assert total >= 4 and int(re.search(r'data-images-loaded="(\d+)"', dom).group(1)) == total
     monkeypatch.setattr(client.canaries, "play", functools.partial(client.canaries.play,
                                                                    breakage=Breakage.NOISE_TENTH))
     broken = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "2000"])
