@@ -115,9 +115,13 @@ def test_a_site_audits_its_own_dp_sgd_with_white_box_canaries_on_its_own_images(
     result = _carefed("site", "check", "--data", str(data), "--rounds", "4", "--whitebox", "1000", "--json",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    game = json.loads(result.stdout)["whitebox"]
+    report = json.loads(result.stdout)
+    game, plan = report["whitebox"], report["privacy"]
     assert game["consistent"] and game["canaries"] == 1000 and game["rounds"] == 4
-    assert 1.9 <= game["claimed_epsilon"] <= 2.0 < game["ceiling"]  # calibrated for 2, and it could have failed
+    # the game trained this site's planned run (its sampling, its steps), with noise for the audit's epsilon 2
+    assert game["sample_rate"] == plan["sample-rate"] and game["steps"] == 4 * plan["steps-per-round"]
+    assert game["noise_multiplier"] > plan["noise-multiplier"] and game["claimed_epsilon"] < plan["budget"]
+    assert game["epsilon_lower_bound"] > 0  # the canaries went through the site's AES-CTR noise path and were seen
 
     too_few = _carefed("site", "check", "--data", str(data), "--whitebox", "20", cwd=tmp_path)
     assert too_few.returncode == 2 and "could not fail" in too_few.stderr
