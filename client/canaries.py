@@ -35,9 +35,8 @@ from torch import nn
 from client.site import calibrate_site
 from client.trainer import train_locally
 from common.config import RunConfig
-from common.data.site import SiteData
+from common.data.site import SiteData, global_model
 from common.errors import CareFedError
-from common.models import build_model
 from common.privacy.accountant import SitePrivacy
 from common.privacy.membership import WhiteBoxBound, whitebox_bound, whitebox_ceiling
 
@@ -86,7 +85,7 @@ class DiracCanaries:
         owner = np.searchsorted(bounds, self.coordinates, side="right") - 1
         local = self.coordinates - bounds[owner]
         members = np.flatnonzero(self.included)
-        state = {"before": self._weights(params, owner, local), "velocity": np.zeros(len(self.coordinates))}
+        state = {"before": self._weights(params), "velocity": np.zeros(len(self.coordinates))}
         clip, step = optimizer.clip_and_accumulate, optimizer.step
 
         def clip_with_canaries() -> None:
@@ -106,7 +105,7 @@ class DiracCanaries:
 
         def step_and_observe(*args: object, **kwargs: object) -> object:
             result = step(*args, **kwargs)
-            after = self._weights(params, owner, local)
+            after = self._weights(params)
             velocity = (state["before"] - after) / self.learning_rate  # SGD: w -= lr * v, v = momentum * v + g
             gradient = velocity - self.momentum * state["velocity"]
             self.observations.append(gradient * optimizer.expected_batch_size / self.max_grad_norm)
@@ -117,10 +116,10 @@ class DiracCanaries:
         optimizer.step = step_and_observe  # type: ignore[method-assign]
         break_optimizer(optimizer, breakage)
 
-    @staticmethod
-    def _weights(params: list[torch.Tensor], owner: np.ndarray, local: np.ndarray) -> np.ndarray:
-        flat = [p.detach().reshape(-1).double().cpu().numpy() for p in params]
-        return np.array([flat[o][i] for o, i in zip(owner, local, strict=True)])
+    def _weights(self, params: list[torch.Tensor]) -> np.ndarray:
+        """The canaries' coordinates of the weights, in float64."""
+        flat = torch.cat([p.detach().reshape(-1) for p in params]).cpu().numpy()
+        return flat[self.coordinates].astype(np.float64)
 
     def scores(self, noise_multiplier: float) -> dict[str, np.ndarray]:
         """Two statistics per canary over every observed step: the correct mechanism's likelihood ratio, and the
@@ -217,14 +216,12 @@ def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage
     if config.privacy_unit != "image" or not config.dp:
         raise CareFedError("the white-box game audits image-level DP-SGD; this study is "
                            f"{'not private' if not config.dp else 'patient-level'}")
-    problem = whitebox_problem(canaries, config.target_epsilon)
+    problem = whitebox_problem(canaries, config.target_epsilon, config.target_delta)
     if problem and (require_power or canaries < 1):
         raise CareFedError(problem)
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = build_model(config.model, in_channels=int(data.train_x.shape[1]),
-                        num_classes=int(data.train_y.max()) + 1 if config.num_classes == 0 else config.num_classes,
-                        image_size=int(data.train_x.shape[-1]))
+    model = global_model(config)  # the federation's model, as the site trains it
     privacy = calibrate_site(config, data, data.site)
     game = DiracCanaries.draw(model, canaries, sample_rate=privacy.sample_rate, max_grad_norm=privacy.max_grad_norm,
                               momentum=config.momentum, learning_rate=config.step_size, seed=seed)
