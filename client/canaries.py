@@ -13,8 +13,9 @@ gradient g_t at each canary's coordinate, x_t = g_t * B / C (1 when the canary w
 standard deviation sigma). Two scores: the Neyman-Pearson statistic of the correct mechanism,
 sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2)), and the same on x_t minus its median over the steps (noise that
 repeats from step to step cancels there). The
-highest-scoring canaries are guessed "in"; the count of right guesses gives the epsilon lower bound, with the
-confidence split over both scores and every guess count (common.privacy.membership.whitebox_bound).
+highest-scoring canaries are guessed "in"; the count of right guesses tests the accountant's own trade-off curve
+(the f-DP one-run test, common.privacy.fdp_audit) and bounds epsilon, with the confidence split over both scores and
+every guess count (common.privacy.membership.whitebox_bound).
 
 `Breakage` holds the test-only faults the audit must catch; production code never selects one.
 """
@@ -38,9 +39,10 @@ from common.config import RunConfig
 from common.data.site import SiteData, global_model
 from common.errors import CareFedError
 from common.privacy.accountant import SitePrivacy
+from common.privacy.fdp_audit import trade_off
 from common.privacy.membership import WhiteBoxBound, whitebox_bound, whitebox_ceiling
 
-AMPLITUDE = 10.0  # a canary's norm before clipping, in units of C: an optimizer that does not clip lets 10x through
+AMPLITUDE = 100.0  # a canary's norm before clipping, in units of C: an optimizer that does not clip lets 100x through
 REPEATED_NOISE_SEED = 20_231_130
 ROWS_PER_CALL = 256  # canary rows clipped per call (each row is model-sized)
 
@@ -183,59 +185,60 @@ class GameResult:
 
     @property
     def consistent(self) -> bool:
-        """False when the canaries prove more leakage than the accountant claims: the implementation is broken."""
-        return self.bound.epsilon <= self.claimed_epsilon
+        """False when the canaries reject the accountant's own trade-off curve: the implementation is broken."""
+        return not self.bound.rejects_claim
 
     def to_json(self) -> dict[str, object]:
+        b = self.bound
         return {"breakage": self.breakage, "rounds": self.rounds, "steps": self.steps,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "claimed_epsilon": self.claimed_epsilon, "delta": self.delta, "epsilon_lower_bound": self.bound.epsilon,
-                "bound_over_claimed": self.bound.epsilon / self.claimed_epsilon if self.claimed_epsilon else None,
-                "canaries": self.bound.canaries, "guesses": self.bound.guesses, "correct": self.bound.correct,
-                "ceiling": self.bound.ceiling, "confidence": self.bound.confidence, "score": self.bound.score,
-                "consistent": self.consistent,
-                "seconds": self.seconds}
+                "claimed_epsilon": self.claimed_epsilon, "delta": self.delta, "epsilon_lower_bound": b.epsilon,
+                "bound_over_claimed": b.epsilon / self.claimed_epsilon if self.claimed_epsilon else None,
+                "steinke_epsilon": b.steinke_epsilon, "rejects_claim": b.rejects_claim,
+                "canaries": b.canaries, "guesses": b.guesses, "correct": b.correct, "ceiling": b.ceiling,
+                "confidence": b.confidence, "score": b.score, "consistent": self.consistent, "seconds": self.seconds}
 
 
-def whitebox_problem(canaries: int, epsilon: float, delta: float = 1e-5) -> str:
-    """Why a game with these settings could not fail an implementation ("" when it could)."""
-    if canaries < 1 or not 0 < epsilon <= 20:
-        return "white-box canaries must be >= 1 and the audit epsilon in (0, 20]"
-    ceiling = whitebox_ceiling(canaries, delta)
-    if ceiling <= epsilon:
-        return (f"{canaries} white-box canaries can certify at most epsilon {ceiling:.2f}, so they could not fail an "
-                f"implementation at epsilon {epsilon:g}: use more canaries or a lower audit epsilon")
+def whitebox_problem(canaries: int, planned: list[tuple[float, float, int]], delta: float) -> str:
+    """Why a game with this many canaries could not fail this DP-SGD plan ("" when it could)."""
+    ceiling, claimed = whitebox_ceiling(canaries, planned, delta), trade_off(planned, delta).epsilon
+    if ceiling <= claimed:
+        return (f"{canaries} white-box canaries can show at most epsilon {ceiling:.2f} for this study's DP-SGD, so "
+                f"they could not fail an implementation at epsilon {claimed:.2f}: use more canaries or a lower audit "
+                "epsilon")
     return ""
 
 
 def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage = Breakage.NONE, seed: int = 0,
          secure_noise: bool = False, require_power: bool = True) -> GameResult:
     """Train the site's model for the study's planned rounds with its own DP-SGD (noise calibrated as the site
-    calibrates it) and `canaries` Dirac canaries; bound epsilon from the iterates and compare with the accountant.
-    Refused when the game could not fail at this epsilon, unless `require_power` is off (to measure tightness)."""
+    calibrates it) and `canaries` Dirac canaries; test the accountant's claim against the iterates. Refused when
+    the game could not fail at this epsilon, unless `require_power` is off (to measure tightness)."""
     if config.privacy_unit != "image" or not config.dp:
         raise CareFedError("the white-box game audits image-level DP-SGD; this study is "
                            f"{'not private' if not config.dp else 'patient-level'}")
-    problem = whitebox_problem(canaries, config.target_epsilon, config.target_delta)
-    if problem and (require_power or canaries < 1):
-        raise CareFedError(problem)
+    if canaries < 1:
+        raise CareFedError("white-box canaries must be >= 1")
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = global_model(config)  # the federation's model, as the site trains it
     privacy = calibrate_site(config, data, data.site)
+    planned = [(privacy.noise_multiplier, privacy.sample_rate, privacy.steps_per_round * config.planned_rounds)]
+    problem = whitebox_problem(canaries, planned, privacy.delta) if require_power else ""
+    if problem:
+        raise CareFedError(problem)
     game = DiracCanaries.draw(model, canaries, sample_rate=privacy.sample_rate, max_grad_norm=privacy.max_grad_norm,
                               momentum=config.momentum, learning_rate=config.step_size, seed=seed)
     generator = torch.Generator().manual_seed(seed + 2)
-    claimed = 0.0
+    claimed_history: list[tuple[float, float, int]] = []
     for _ in range(config.planned_rounds):
         before = list(privacy.history)
         train_locally(model, data, config, privacy, generator, secure_noise=secure_noise,
                       audit=lambda optimizer: game.attach(optimizer, breakage))
-        if breakage is Breakage.ACCOUNTANT_FORGETS:  # a reset accountant: this round's steps only
-            claimed = SitePrivacy(**{**vars(privacy), "history": _only_new(privacy.history, before)}).epsilon()
-        else:
-            claimed = privacy.epsilon()
-    bound = whitebox_bound(game.scores(privacy.noise_multiplier), game.included, privacy.delta)
+        forgets = breakage is Breakage.ACCOUNTANT_FORGETS  # a reset accountant: this round's steps only
+        claimed_history = _only_new(privacy.history, before) if forgets else list(privacy.history)
+    claimed = SitePrivacy(**{**vars(privacy), "history": claimed_history}).epsilon()
+    bound = whitebox_bound(game.scores(privacy.noise_multiplier), game.included, claimed_history, privacy.delta)
     return GameResult(breakage.value, config.planned_rounds, len(game.observations), privacy.noise_multiplier,
                       privacy.sample_rate, claimed, privacy.delta, bound, time.perf_counter() - started)
 

@@ -229,8 +229,8 @@ def audit(
     control: Annotated[bool, typer.Option(help="With --canaries, also train a no-DP control.")] = True,
     whitebox: Annotated[int, typer.Option(help="White-box gradient canaries per site: every site plays the game "
                                                "with its own DP-SGD; 0: skip.")] = 0,
-    whitebox_epsilon: Annotated[float, typer.Option(help="The epsilon the white-box game calibrates for (where "
-                                                         "--whitebox canaries can fail an implementation).")] = 2.0,
+    whitebox_epsilon: Annotated[float | None, typer.Option(help="The epsilon the white-box game calibrates its "
+                                                                "noise for (default: the study's own).")] = None,
     shadows: Annotated[int, typer.Option(help="Shadow models for the offline LiRA attack.")] = 8,
     sweep: Annotated[Path | None, typer.Option(help="sweep.json from simulations.sweep_privacy, for the report.")]
     = None,
@@ -277,9 +277,10 @@ def audit(
                 with console.status(f"White-box canaries: every site trains with {whitebox} canaries..."):
                     extra["whitebox"] = whitebox_audit(path, whitebox, whitebox_epsilon)
                 report.problems += [
-                    f"site {site_}: white-box canaries prove epsilon >= {r['epsilon_lower_bound']:.3f}, above the "
-                    f"{r['claimed_epsilon']:.3f} its accountant claims: its DP-SGD does not do what the accountant "
-                    "assumes" for site_, r in extra["whitebox"]["sites"].items() if not r["consistent"]]
+                    f"site {site_}: white-box canaries reject the privacy its accountant claims (epsilon "
+                    f"{r['claimed_epsilon']:.3f}; they show epsilon >= {r['epsilon_lower_bound']:.3f}): its DP-SGD does "
+                    "not do what the accountant assumes" for site_, r in extra["whitebox"]["sites"].items()
+                    if not r["consistent"]]
         except (FileNotFoundError, CareFedError) as err:
             raise fail(2, str(err)) from None
         extra["report"] = str(write_report(path, report, sweep))
@@ -291,13 +292,12 @@ def audit(
     raise typer.Exit(0 if report.ok else 1)
 
 
-def _check_whitebox(canaries: int, epsilon: float) -> None:
-    """Refuse a white-box audit that could not fail: its canaries must be able to certify more than epsilon."""
-    from client.canaries import whitebox_problem
+def _check_whitebox(canaries: int, epsilon: float | None) -> None:
+    """Whether this many canaries can fail the study's DP-SGD is known once a site's plan is (client.canaries.play)."""
+    from common.policy import MAX_STUDY_EPSILON
 
-    problem = whitebox_problem(canaries, epsilon)
-    if problem:
-        raise fail(2, problem.replace("audit epsilon", "--whitebox-epsilon"))
+    if canaries < 1 or (epsilon is not None and not 0 < epsilon <= MAX_STUDY_EPSILON):
+        raise fail(2, f"--whitebox must be >= 1 and --whitebox-epsilon in (0, {MAX_STUDY_EPSILON:g}]")
 
 
 def _print_empirical(extra: dict[str, Any]) -> None:
@@ -317,10 +317,11 @@ def _print_empirical(extra: dict[str, Any]) -> None:
                       f"{extra['canaries']['canaries']} canaries is {arm.get('ceiling', math.nan):.2f}")
     if "whitebox" in extra:
         for site_, r in extra["whitebox"]["sites"].items():
-            out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% "
-                      f"({r['correct']}/{r['guesses']} right, {r['score']}), accountant {r['claimed_epsilon']:.3f} "
-                      f"(ratio {r['bound_over_claimed']:.2f}); the most {r['canaries']} canaries can certify: "
-                      f"{r['ceiling']:.2f}; {'consistent' if r['consistent'] else 'INCONSISTENT'}")
+            out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% (f-DP, "
+                      f"{r['correct']}/{r['guesses']} right, {r['score']}; (epsilon, delta) bound "
+                      f"{r['steinke_epsilon']:.3f}), accountant {r['claimed_epsilon']:.3f} (ratio "
+                      f"{r['bound_over_claimed']:.2f}); the most {r['canaries']} canaries can show: {r['ceiling']:.2f}; "
+                      f"{'consistent' if r['consistent'] else 'INCONSISTENT: the canaries reject its trade-off curve'}")
     if "report" in extra:
         out.print(f"report: {extra['report']}")
 

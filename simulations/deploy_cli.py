@@ -109,7 +109,8 @@ def site_check(
                                                 "against it.")] = None,
     whitebox: Annotated[int, typer.Option(help="Audit this site's own DP-SGD with this many white-box gradient "
                                                "canaries on its own images (nothing leaves the site); 0: skip.")] = 0,
-    whitebox_epsilon: Annotated[float, typer.Option(help="The epsilon the white-box game calibrates for.")] = 2.0,
+    whitebox_epsilon: Annotated[float | None, typer.Option(help="The epsilon the white-box game calibrates its noise "
+                                                                "for (default: the study's own).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Validate a site's policy and images before it joins: whether the study stays inside the policy; counts per
@@ -154,12 +155,12 @@ def site_check(
         raise typer.Exit(1)
 
 
-def _whitebox_game(config: Any, site_data: Any, canaries: int, epsilon: float) -> dict[str, Any]:
+def _whitebox_game(config: Any, site_data: Any, canaries: int, epsilon: float | None) -> dict[str, Any]:
     """The white-box canary game on this site's own images, with the noise source a deployed site uses."""
     from client.canaries import play
 
     with console.status(f"White-box canaries: training with {canaries} canaries on this site's images..."):
-        return play(config.replace(target_epsilon=epsilon), site_data, canaries=canaries,
+        return play(config.replace(target_epsilon=epsilon) if epsilon else config, site_data, canaries=canaries,
                     secure_noise=True).to_json()
 
 
@@ -261,7 +262,8 @@ def _print_site_report(report: dict[str, Any]) -> None:
                                                                       "do what its accountant assumes[/]"
         out.print(f"White-box canaries ({game['canaries']}, noise calibrated for epsilon {game['claimed_epsilon']:.2f}"
                   f" over {game['rounds']} rounds, {game['steps']} steps): epsilon >= {game['epsilon_lower_bound']:.3f}"
-                  f" at 95% ({game['correct']}/{game['guesses']} right); the most they can certify: "
+                  f" at 95% (f-DP, {game['correct']}/{game['guesses']} right; (epsilon, delta) bound "
+                  f"{game['steinke_epsilon']:.3f}); the most they can show: "
                   f"{game['ceiling']:.2f}; {verdict}", soft_wrap=True)
 
 

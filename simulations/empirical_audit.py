@@ -197,18 +197,20 @@ def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) ->
     }
 
 
-def whitebox_audit(run_dir: Path, canaries: int, epsilon: float) -> dict[str, Any]:
+def whitebox_audit(run_dir: Path, canaries: int, epsilon: float | None = None) -> dict[str, Any]:
     """Every site of the run plays the white-box canary game (client.canaries) with the run's model, data, batch
-    size, epochs and planned rounds, its noise calibrated for `epsilon`: its own DP-SGD audited as it runs. The
-    audit epsilon is where this many canaries can fail an implementation (the verdict says when they cannot)."""
+    size, epochs and planned rounds, its noise calibrated for `epsilon` (None: each site's own budget): its own
+    DP-SGD audited as it runs. Refused (CareFedError) where this many canaries could not fail it."""
     from client.canaries import play
 
-    config = run_config(run_dir).replace(target_epsilon=epsilon, site_epsilons="")
+    config = run_config(run_dir)
+    if epsilon is not None:
+        config = config.replace(target_epsilon=epsilon, site_epsilons="")
     sites = {}
     for site in range(config.num_sites):
         result = play(config, load_site_data(config, site), canaries=canaries, seed=config.seed + site)
         sites[str(site)] = result.to_json()
-    result = {"canaries": canaries, "audit_epsilon": epsilon, "sites": sites,
+    result = {"canaries": canaries, "audit_epsilon": epsilon or config.target_epsilon, "sites": sites,
               "can_fail": all(s["ceiling"] > s["claimed_epsilon"] for s in sites.values())}
     write_json(run_dir / "audit" / "whitebox.json", result)
     return result

@@ -1,4 +1,5 @@
-"""Statistics of empirical privacy audits: membership-inference ROC, offline LiRA scores, one-run epsilon bounds.
+"""Statistics of empirical privacy audits: membership-inference ROC, offline LiRA scores, one-run epsilon bounds
+((epsilon, delta) here; f-DP in common.privacy.fdp_audit).
 
 Pure numpy/scipy; the training and scoring that feed these live with the audit runner.
 """
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import special, stats
+
+from common.privacy.fdp_audit import History, family_epsilon, rejects, trade_off
 
 
 @dataclass(frozen=True)
@@ -115,43 +118,50 @@ def one_run_epsilon_lower_bound(m: int, guesses: int, correct: int, delta: float
     return low
 
 
-WHITEBOX_GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # fixed in advance: the union bound covers them all
+WHITEBOX_GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45)  # fixed in advance, all below the ~1/2 present
 
 
 @dataclass(frozen=True)
 class WhiteBoxBound:
-    epsilon: float  # the lower bound, valid at `confidence` over the whole guess grid
-    guesses: int  # at the grid point that gave it
+    """What the white-box canaries show, at `confidence` over every statistic and guess count (Bonferroni)."""
+
+    rejects_claim: bool  # the outcome is too good for the accountant's own trade-off curve (f-DP one-run test)
+    epsilon: float  # epsilon of the noisiest DP-SGD of the claimed kind (noise x s) the canaries reject
+    steinke_epsilon: float  # the (epsilon, delta) bound of Steinke et al.: no assumption on the leak's shape
+    guesses: int  # at the statistic and guess count that gave `epsilon`
     correct: int
-    ceiling: float  # what this many canaries could certify if every guess at the best grid point were right
+    ceiling: float  # the most `epsilon` can reach with this many canaries: every guess right
     canaries: int
     confidence: float
-    score: str = ""  # the statistic that gave it
+    score: str = ""
 
 
-def whitebox_ceiling(canaries: int, delta: float, statistics: int = 2, confidence: float = 0.95) -> float:
-    """The most `whitebox_bound` can certify with this many canaries: every guess right at the best grid point.
-    An implementation leaking more than this cannot be told from one that leaks exactly this."""
-    each = 1 - (1 - confidence) / (statistics * len(WHITEBOX_GUESS_FRACTIONS))
-    return max(one_run_epsilon_lower_bound(canaries, k, k, delta, each)
+def whitebox_ceiling(canaries: int, history: History, delta: float, statistics: int = 2,
+                     confidence: float = 0.95) -> float:
+    """The largest epsilon `whitebox_bound` can show for this DP-SGD history with this many canaries (every guess
+    right at the best guess count). An implementation leaking more than this cannot be told from one leaking this."""
+    significance = (1 - confidence) / (statistics * len(WHITEBOX_GUESS_FRACTIONS))
+    return max(family_epsilon(canaries, k, k, history, delta, significance)[0]
                for k in {max(1, int(f * canaries)) for f in WHITEBOX_GUESS_FRACTIONS})
 
 
-def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, delta: float,
+def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, claimed: History, delta: float,
                    confidence: float = 0.95) -> WhiteBoxBound:
-    """For each score and each k in a grid fixed in advance, guess "in" for the k highest; each (score, k) bound at
-    confidence 1 - (1 - confidence) / (scores x grid) (Bonferroni), so the largest is a lower bound at `confidence`
-    overall. The ceiling: the same with every guess right."""
+    """For each statistic and each k in a grid fixed in advance, guess "present" for the k highest scores and test
+    the accountant's claimed history (its trade-off curve) at significance (1 - confidence) / (statistics x grid)."""
     m = len(included)
-    each = 1 - (1 - confidence) / (len(scores) * len(WHITEBOX_GUESS_FRACTIONS))
-    best = (0.0, 0, 0, "")
+    significance = (1 - confidence) / (len(scores) * len(WHITEBOX_GUESS_FRACTIONS))
+    curve = trade_off(claimed, delta)
+    rejected, best, steinke = False, (0.0, 0, 0, ""), 0.0
     for name, values in scores.items():
         order = np.argsort(-np.asarray(values), kind="stable")
         for fraction in WHITEBOX_GUESS_FRACTIONS:
             k = max(1, int(fraction * m))
             correct = int(np.asarray(included)[order[:k]].sum())
-            bound = one_run_epsilon_lower_bound(m, k, correct, delta, each)
-            if bound > best[0]:
-                best = (bound, k, correct, name)
-    return WhiteBoxBound(best[0], best[1], best[2], whitebox_ceiling(m, delta, len(scores), confidence), m,
-                         confidence, best[3])
+            rejected = rejected or rejects(m, k, correct, curve, significance)
+            epsilon, _ = family_epsilon(m, k, correct, claimed, delta, significance)
+            if epsilon > best[0]:
+                best = (epsilon, k, correct, name)
+            steinke = max(steinke, one_run_epsilon_lower_bound(m, k, correct, delta, 1 - significance))
+    return WhiteBoxBound(rejected, best[0], steinke, best[1], best[2],
+                         whitebox_ceiling(m, claimed, delta, len(scores), confidence), m, confidence, best[3])

@@ -7,8 +7,9 @@ Power: at the audit's settings (site 0 of the default study, noise calibrated fo
 implementation and each test-only breakage (noise multiplier / 10, no clipping, noise re-seeded every step, an
 accountant that forgets earlier rounds) play the game with several seeds; reported: how often each is called
 inconsistent (a false alarm for the correct one, a catch for the broken ones) and its bounds.
-Tightness: the correct implementation at each epsilon with enough canaries that the game could fail there;
-reported: the lower bound, the accountant's epsilon, their ratio, the ceiling, time and peak memory.
+Tightness: the correct implementation at each epsilon with --tightness-canaries canaries; reported: the f-DP
+empirical epsilon and the (epsilon, delta) bound, the accountant's epsilon, their ratio, the ceiling (whether the
+game could fail there), time and peak memory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import time
 from client.canaries import Breakage, play
 from common.config import resolve
 from common.data.site import load_site_data
-from common.privacy.membership import whitebox_ceiling
 
 FORGETFUL_ROUNDS = 20  # an accountant that forgets earlier rounds is caught once one round's epsilon is small
 
@@ -46,28 +46,17 @@ def power(seeds: int, epsilon: float, canaries: int, rounds: int) -> list[dict[s
     return rows
 
 
-def tightness(epsilons: list[float], canaries: int | None) -> list[dict[str, object]]:
+def tightness(epsilons: list[float], canaries: int) -> list[dict[str, object]]:
     rows = []
     for epsilon in epsilons:
-        m = canaries or _enough_canaries(epsilon)
         config = resolve(overrides={"target-epsilon": epsilon})
         started = time.perf_counter()
-        result = play(config, load_site_data(config, 0), canaries=m, seed=0, require_power=False)
-        rows.append({"epsilon": epsilon, **result.to_json(), "can_fail": result.bound.ceiling > epsilon,
+        result = play(config, load_site_data(config, 0), canaries=canaries, seed=0, require_power=False)
+        rows.append({"epsilon": epsilon, **result.to_json(), "can_fail": result.bound.ceiling > result.claimed_epsilon,
                      "wall_s": round(time.perf_counter() - started, 1),
                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _enough_canaries(epsilon: float) -> int:
-    """The fewest canaries (in steps of 1,000) whose ceiling exceeds 1.1 x epsilon, so the game can fail there. At
-    delta 1e-5 no number can go past about 4.8 (the bound's delta term grows with the canaries): beyond that, the
-    4,000 canaries near the top of the ceiling, and the result says it could not fail."""
-    for m in range(1000, 20_001, 1000):
-        if whitebox_ceiling(m, 1e-5) > 1.1 * epsilon:
-            return m
-    return 4000
 
 
 def main() -> None:
@@ -78,14 +67,14 @@ def main() -> None:
     parser.add_argument("--canaries", type=int, default=2000, help="the power check's canaries")
     parser.add_argument("--rounds", type=int, default=5, help="the power check's planned rounds")
     parser.add_argument("--tightness", type=float, nargs="*", default=[])
-    parser.add_argument("--tightness-canaries", type=int, default=0, help="0: the fewest that could fail")
+    parser.add_argument("--tightness-canaries", type=int, default=4000)
     parser.add_argument("--json", type=str, default="")
     args = parser.parse_args()
     result = {}
     if args.power:
         result["power"] = power(args.seeds, args.epsilon, args.canaries, args.rounds)
     if args.tightness:
-        result["tightness"] = tightness(args.tightness, args.tightness_canaries or None)
+        result["tightness"] = tightness(args.tightness, args.tightness_canaries)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -75,9 +75,12 @@ def test_one_run_p_value_matches_the_theorem_written_out(m, guesses, correct, ep
 
 
 def test_whitebox_bound_reaches_its_ceiling_only_when_every_guess_is_right():
+    """Scores that separate perfectly reach the ceiling and reject the claim; coin flips show nothing."""
     rng = np.random.default_rng(0)
-    included = rng.random(2000) < 0.5
-    perfect = whitebox_bound({"s": included.astype(float) + rng.random(2000) * 0.1}, included, 1e-5)
+    included = rng.random(4000) < 0.5
+    claimed = [(1.68, 0.2, 150)]  # the default study's DP-SGD at epsilon 8
+    perfect = whitebox_bound({"s": included.astype(float) + rng.random(4000) * 0.1}, included, claimed, 1e-5)
     assert perfect.epsilon == pytest.approx(perfect.ceiling) and perfect.correct == perfect.guesses
-    blind = whitebox_bound({"s": rng.random(2000), "t": rng.random(2000)}, included, 1e-5)
-    assert blind.epsilon < 0.5 < perfect.ceiling
+    assert perfect.rejects_claim and perfect.epsilon > 8 > perfect.steinke_epsilon
+    blind = whitebox_bound({"s": rng.random(4000), "t": rng.random(4000)}, included, claimed, 1e-5)
+    assert blind.epsilon < 0.5 and not blind.rejects_claim and blind.steinke_epsilon < 0.5
