@@ -278,8 +278,8 @@ def audit(
                     extra["whitebox"] = whitebox_audit(path, whitebox, whitebox_epsilon)
                 report.problems += [
                     f"site {site_}: white-box canaries reject the privacy its accountant claims (epsilon "
-                    f"{r['claimed_epsilon']:.3f}; they show epsilon >= {r['epsilon_lower_bound']:.3f}): its DP-SGD does "
-                    "not do what the accountant assumes" for site_, r in extra["whitebox"]["sites"].items()
+                    f"{r['claimed_epsilon']:.3f}; they show epsilon >= {r['epsilon_lower_bound']:.3f}): its DP-SGD "
+                    "does not do what the accountant assumes" for site_, r in extra["whitebox"]["sites"].items()
                     if not r["consistent"]]
         except (FileNotFoundError, CareFedError) as err:
             raise fail(2, str(err)) from None
@@ -320,7 +320,8 @@ def _print_empirical(extra: dict[str, Any]) -> None:
             out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% (f-DP, "
                       f"{r['correct']}/{r['guesses']} right, {r['score']}; (epsilon, delta) bound "
                       f"{r['steinke_epsilon']:.3f}), accountant {r['claimed_epsilon']:.3f} (ratio "
-                      f"{r['bound_over_claimed']:.2f}); the most {r['canaries']} canaries can show: {r['ceiling']:.2f}; "
+                      f"{r['bound_over_claimed']:.2f}); the most {r['canaries']} canaries can show: "
+                      f"{r['ceiling']:.2f}; "
                       f"{'consistent' if r['consistent'] else 'INCONSISTENT: the canaries reject its trade-off curve'}")
     if "report" in extra:
         out.print(f"report: {extra['report']}")

@@ -272,10 +272,9 @@ def _whitebox(whitebox: dict[str, Any] | None) -> str:
               "'NO' means the canaries reject it at 95%, i.e. the site's DP-SGD does not do what its accountant "
               "assumes. The lower bound is the epsilon of the noisiest DP-SGD with the same sampling and steps that "
               "the canaries reject (an assumption on the leak's shape); the (epsilon, delta) bound needs none and is "
-              "weaker. One run cannot reach the accountant's epsilon: the ceiling is the most these canaries can "
-              "show.</p>"
-            + _table(["site", "accountant epsilon", "lower bound (f-DP)", "bound / accountant", "(epsilon, delta) bound",
-                      "ceiling", "right guesses", "statistic", "consistent"], rows))
+              "weaker. The ceiling is the most these canaries can show (every guess right).</p>"
+            + _table(["site", "accountant epsilon", "lower bound (f-DP)", "bound / accountant",
+                      "(epsilon, delta) bound", "ceiling", "right guesses", "statistic", "consistent"], rows))
 
 
 def _sweep(sweep: dict[str, Any] | None) -> str:

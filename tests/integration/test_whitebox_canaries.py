@@ -15,8 +15,8 @@ import pytest
 
 from client.canaries import Breakage, play
 from common.config import resolve
-from common.errors import CareFedError
 from common.data.site import load_site_data
+from common.errors import CareFedError
 
 
 def _game(breakage: Breakage, rounds: int, canaries: int):
