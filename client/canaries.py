@@ -8,14 +8,19 @@ Opacus's optimizer before it clips: the site's real clipping, summing, noise (it
 source) and scaling handle them, and the site's real accountant accounts the steps. Nothing here changes what the
 optimizer does; it only adds rows and watches the weights.
 
-Scoring uses only the iterates (the weights after every step): SGD with momentum is inverted to the privatised
-gradient g_t at each canary's coordinate, x_t = g_t * B / C (1 when the canary was in the step, plus noise of
-standard deviation sigma). Two scores: the Neyman-Pearson statistic of the correct mechanism,
-sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2)), and the same on x_t minus its median over the steps (noise that
-repeats from step to step cancels there). The
-highest-scoring canaries are guessed "in"; the count of right guesses tests the accountant's own trade-off curve
-(the f-DP one-run test, common.privacy.fdp_audit) and bounds epsilon, with the confidence split over both scores and
-every guess count (common.privacy.membership.whitebox_bound).
+Scoring uses the iterates (the weights after every step): SGD with momentum is inverted to the privatised gradient
+g_t at each canary's coordinate, g_t * B / C, and what the step's real images added there (their clipped sum, read
+from the optimizer as it clips them; the site knows its own data) is taken away, leaving x_t = 1 when the canary was
+in the step, plus noise of standard deviation sigma. That is a post-processing of what is released plus the site's
+own data, so it leaks nothing the release does not. In a correct DP-SGD each canary's x_1..x_T is then an
+independent draw of the subsampled Gaussian mechanism the accountant analyses (fresh noise on every coordinate at
+every step; its own Poisson sampling), present or absent: the m canaries are m runs of the mechanism in one
+training. Two statistics: the Neyman-Pearson statistic of that mechanism, sum_t log(1 - q + q exp((x_t - 1/2) /
+sigma^2)), and the same on x_t minus its median over the steps (noise that repeats from step to step cancels
+there). A third of the canaries choose thresholds (quantiles of their absent members' statistics); on the others,
+Clopper-Pearson bounds on each threshold's error rates test the accountant's own trade-off curve and bound epsilon
+(common.privacy.fdp_audit, common.privacy.membership.whitebox_bound). The one-run f-DP bound, which assumes nothing
+about the implementation, is reported beside it.
 
 `Breakage` holds the test-only faults the audit must catch; production code never selects one.
 """
@@ -68,6 +73,7 @@ class DiracCanaries:
     momentum: float
     learning_rate: float
     generator: torch.Generator
+    seed: int
     observations: list[np.ndarray] = field(default_factory=list)  # x_t per step: (m,) each
 
     @classmethod
@@ -78,7 +84,7 @@ class DiracCanaries:
             raise ValueError(f"need 1 to {size} canaries (one coordinate each), got {count}")
         rng = np.random.default_rng(seed)
         return cls(np.sort(rng.choice(size, count, replace=False)), rng.random(count) < 0.5, sample_rate,
-                   max_grad_norm, momentum, learning_rate, torch.Generator().manual_seed(seed + 1))
+                   max_grad_norm, momentum, learning_rate, torch.Generator().manual_seed(seed + 1), seed)
 
     def attach(self, optimizer: DPOptimizer, breakage: Breakage = Breakage.NONE) -> None:
         """Add the sampled canaries' rows before the optimizer clips; read the weights after each step."""
@@ -87,11 +93,14 @@ class DiracCanaries:
         owner = np.searchsorted(bounds, self.coordinates, side="right") - 1
         local = self.coordinates - bounds[owner]
         members = np.flatnonzero(self.included)
-        state = {"before": self._weights(params), "velocity": np.zeros(len(self.coordinates))}
+        state = {"before": self._weights(params), "velocity": np.zeros(len(self.coordinates)),
+                 "data": np.zeros(len(self.coordinates))}
         clip, step = optimizer.clip_and_accumulate, optimizer.step
 
         def clip_with_canaries() -> None:
-            clip()  # the step's real rows first
+            before = self._summed(params)
+            clip()  # the step's real rows first; what they add at the canaries' coordinates is the site's own data
+            state["data"] += self._summed(params) - before
             chosen = members[(torch.rand(len(members), generator=self.generator, dtype=torch.float64)
                               < self.sample_rate).numpy()]
             # then the sampled canaries, a bounded block of rows at a time: Opacus adds each call's clipped rows
@@ -110,8 +119,9 @@ class DiracCanaries:
             after = self._weights(params)
             velocity = (state["before"] - after) / self.learning_rate  # SGD: w -= lr * v, v = momentum * v + g
             gradient = velocity - self.momentum * state["velocity"]
-            self.observations.append(gradient * optimizer.expected_batch_size / self.max_grad_norm)
-            state["before"], state["velocity"] = after, velocity
+            privatised = gradient * optimizer.expected_batch_size / self.max_grad_norm
+            self.observations.append(privatised - state["data"] / self.max_grad_norm)  # canary + noise only
+            state["before"], state["velocity"], state["data"] = after, velocity, np.zeros(len(self.coordinates))
             return result
 
         optimizer.clip_and_accumulate = clip_with_canaries  # type: ignore[method-assign]
@@ -120,19 +130,32 @@ class DiracCanaries:
 
     def _weights(self, params: list[torch.Tensor]) -> np.ndarray:
         """The canaries' coordinates of the weights, in float64."""
-        flat = torch.cat([p.detach().reshape(-1) for p in params]).cpu().numpy()
+        return self._at([p.detach() for p in params])
+
+    def _summed(self, params: list[torch.Tensor]) -> np.ndarray:
+        """The canaries' coordinates of Opacus's clipped sum so far this step (0 before any row)."""
+        return self._at([torch.zeros_like(p) if getattr(p, "summed_grad", None) is None else p.summed_grad.detach()
+                         for p in params])
+
+    def _at(self, tensors: list[torch.Tensor]) -> np.ndarray:
+        flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
         return flat[self.coordinates].astype(np.float64)
 
     def scores(self, noise_multiplier: float) -> dict[str, np.ndarray]:
-        """Two statistics per canary over every observed step: the correct mechanism's likelihood ratio, and the
-        same on x_t minus its median over the steps (noise that repeats from step to step cancels there)."""
-        x = np.stack(self.observations)  # (steps, m)
-        return {"likelihood-ratio": self._likelihood_ratio(x, noise_multiplier),
-                "centred-likelihood-ratio": self._likelihood_ratio(x - np.median(x, axis=0), noise_multiplier)}
+        """The statistics per canary over every observed step (`statistics`)."""
+        return statistics(np.stack(self.observations), self.sample_rate, noise_multiplier)
 
-    def _likelihood_ratio(self, x: np.ndarray, noise_multiplier: float) -> np.ndarray:
-        q, variance = self.sample_rate, max(noise_multiplier, 1e-6) ** 2
-        return np.logaddexp(math.log1p(-q), math.log(q) + (x - 0.5) / variance).sum(axis=0)
+
+def statistics(x: np.ndarray, sample_rate: float, noise_multiplier: float) -> dict[str, np.ndarray]:
+    """Two statistics per canary from its (steps, m) observations: the correct mechanism's likelihood ratio, and the
+    same on x_t minus its median over the steps (noise that repeats from step to step cancels there)."""
+    return {"likelihood-ratio": _likelihood_ratio(x, sample_rate, noise_multiplier),
+            "centred-likelihood-ratio": _likelihood_ratio(x - np.median(x, axis=0), sample_rate, noise_multiplier)}
+
+
+def _likelihood_ratio(x: np.ndarray, q: float, noise_multiplier: float) -> np.ndarray:
+    variance = max(noise_multiplier, 1e-6) ** 2
+    return np.logaddexp(math.log1p(-q), math.log(q) + (x - 0.5) / variance).sum(axis=0)
 
 
 def break_optimizer(optimizer: DPOptimizer, breakage: Breakage) -> None:
@@ -194,18 +217,20 @@ class GameResult:
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                 "claimed_epsilon": self.claimed_epsilon, "delta": self.delta, "epsilon_lower_bound": b.epsilon,
                 "bound_over_claimed": b.epsilon / self.claimed_epsilon if self.claimed_epsilon else None,
-                "steinke_epsilon": b.steinke_epsilon, "rejects_claim": b.rejects_claim,
-                "canaries": b.canaries, "guesses": b.guesses, "correct": b.correct, "ceiling": b.ceiling,
-                "confidence": b.confidence, "score": b.score, "consistent": self.consistent, "seconds": self.seconds}
+                "one_run_epsilon": b.one_run_epsilon, "rejects_claim": b.rejects_claim,
+                "false_positive_upper": b.false_positive_upper, "true_positive_lower": b.true_positive_lower,
+                "canaries": b.canaries, "ceiling": b.ceiling, "confidence": b.confidence, "score": b.score,
+                "consistent": self.consistent, "seconds": self.seconds}
 
 
-def whitebox_problem(canaries: int, planned: list[tuple[float, float, int]], delta: float) -> str:
-    """Why a game with this many canaries could not fail this DP-SGD plan ("" when it could)."""
-    ceiling, claimed = whitebox_ceiling(canaries, planned, delta), trade_off(planned, delta).epsilon
+def whitebox_problem(game: DiracCanaries, planned: list[tuple[float, float, int]], delta: float) -> str:
+    """Why a game with these canaries could not fail this DP-SGD plan ("" when it could)."""
+    ceiling = whitebox_ceiling(game.included, game.seed, planned, delta)
+    claimed = trade_off(planned, delta).epsilon
     if ceiling <= claimed:
-        return (f"{canaries} white-box canaries can show at most epsilon {ceiling:.2f} for this study's DP-SGD, so "
-                f"they could not fail an implementation at epsilon {claimed:.2f}: use more canaries or a lower audit "
-                "epsilon")
+        return (f"{len(game.included)} white-box canaries can show at most epsilon {ceiling:.2f} for this study's "
+                f"DP-SGD, so they could not fail an implementation at epsilon {claimed:.2f}: use more canaries or a "
+                "lower audit epsilon")
     return ""
 
 
@@ -217,18 +242,22 @@ def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage
     if config.privacy_unit != "image" or not config.dp:
         raise CareFedError("the white-box game audits image-level DP-SGD; this study is "
                            f"{'not private' if not config.dp else 'patient-level'}")
-    if canaries < 1:
-        raise CareFedError("white-box canaries must be >= 1")
+    if canaries < 2:
+        raise CareFedError("white-box canaries must be >= 2")
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = global_model(config)  # the federation's model, as the site trains it
     privacy = calibrate_site(config, data, data.site)
+    try:
+        game = DiracCanaries.draw(model, canaries, sample_rate=privacy.sample_rate,
+                                  max_grad_norm=privacy.max_grad_norm, momentum=config.momentum,
+                                  learning_rate=config.step_size, seed=seed)
+    except ValueError as err:
+        raise CareFedError(str(err)) from None
     planned = [(privacy.noise_multiplier, privacy.sample_rate, privacy.steps_per_round * config.planned_rounds)]
-    problem = whitebox_problem(canaries, planned, privacy.delta) if require_power else ""
+    problem = whitebox_problem(game, planned, privacy.delta) if require_power else ""
     if problem:
         raise CareFedError(problem)
-    game = DiracCanaries.draw(model, canaries, sample_rate=privacy.sample_rate, max_grad_norm=privacy.max_grad_norm,
-                              momentum=config.momentum, learning_rate=config.step_size, seed=seed)
     generator = torch.Generator().manual_seed(seed + 2)
     claimed_history: list[tuple[float, float, int]] = []
     for _ in range(config.planned_rounds):
@@ -238,7 +267,8 @@ def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage
         forgets = breakage is Breakage.ACCOUNTANT_FORGETS  # a reset accountant: this round's steps only
         claimed_history = _only_new(privacy.history, before) if forgets else list(privacy.history)
     claimed = SitePrivacy(**{**vars(privacy), "history": claimed_history}).epsilon()
-    bound = whitebox_bound(game.scores(privacy.noise_multiplier), game.included, claimed_history, privacy.delta)
+    bound = whitebox_bound(game.scores(privacy.noise_multiplier), game.included, game.seed, claimed_history,
+                           privacy.delta)
     return GameResult(breakage.value, config.planned_rounds, len(game.observations), privacy.noise_multiplier,
                       privacy.sample_rate, claimed, privacy.delta, bound, time.perf_counter() - started)
 

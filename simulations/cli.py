@@ -317,11 +317,10 @@ def _print_empirical(extra: dict[str, Any]) -> None:
                       f"{extra['canaries']['canaries']} canaries is {arm.get('ceiling', math.nan):.2f}")
     if "whitebox" in extra:
         for site_, r in extra["whitebox"]["sites"].items():
-            out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% (f-DP, "
-                      f"{r['correct']}/{r['guesses']} right, {r['score']}; (epsilon, delta) bound "
-                      f"{r['steinke_epsilon']:.3f}), accountant {r['claimed_epsilon']:.3f} (ratio "
-                      f"{r['bound_over_claimed']:.2f}); the most {r['canaries']} canaries can show: "
-                      f"{r['ceiling']:.2f}; "
+            out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% "
+                      f"({r['score']}; one-run bound, no assumption: {r['one_run_epsilon']:.3f}), accountant "
+                      f"{r['claimed_epsilon']:.3f} (ratio {r['bound_over_claimed']:.2f}); the most {r['canaries']} "
+                      f"canaries can show: {r['ceiling']:.2f}; "
                       f"{'consistent' if r['consistent'] else 'INCONSISTENT: the canaries reject its trade-off curve'}")
     if "report" in extra:
         out.print(f"report: {extra['report']}")

@@ -1,35 +1,39 @@
-"""One-run audit of an f-DP claim (Mahloujifar, Melis & Chaudhuri, ICML 2025, "Auditing f-Differential Privacy in
-One Run"), for the white-box canary game.
+"""Tests of an f-DP claim from canaries: the accountant's whole trade-off curve, not one (epsilon, delta) pair.
 
-Steinke et al.'s one-run bound tests a single (epsilon, delta) pair, so whatever the canaries show it cannot certify
-more than about 4.8 at delta 1e-5. Testing the mechanism's whole trade-off curve f instead uses what the accountant
-really claims: a site's DP-SGD is (epsilon, delta(epsilon))-DP for every epsilon at once (its privacy profile, from
-dp-accounting's privacy-loss distribution, pessimistic), hence f-DP with
+A site's DP-SGD is (epsilon, delta(epsilon))-DP for every epsilon at once (its privacy profile, from dp-accounting's
+privacy-loss distribution, pessimistic), hence f-DP with
     f(alpha) = sup_eps max(0, 1 - delta(eps) - e^eps alpha, e^-eps (1 - delta(eps) - alpha))   (Dong, Roth & Su 2022).
-The profile is taken on a finite grid of epsilons, which only weakens f (a valid, slightly more private-looking claim
-is harder to reject), so a correct implementation is rejected with probability at most the significance.
+The profile is taken on a finite grid of epsilons, which only weakens f (a slightly more private-looking claim is
+harder to reject), so a correct implementation is rejected with probability at most the significance.
 
-The test: m canaries each present with probability 1/2, the auditor guesses "present" for k of them and v are right.
-If P[>= v right] >= tau under an f-DP mechanism, the masses of right and wrong guesses on the events {>= i right}
-satisfy a chain of inequalities from i = v down to 0 that must end at total mass k/m; when the least mass the chain
-allows exceeds k/m, the claim is rejected at level tau (the paper's "audit_rh_with_cap" recursion; an independent
-implementation, checked against Monte Carlo in tests/unit/test_fdp_audit.py).
+Two tests, for two hypotheses:
+- `rejects`, one run, no assumption (Mahloujifar, Melis & Chaudhuri, ICML 2025, "Auditing f-Differential Privacy
+  in One Run"; an independent implementation of their recursion, checked against Monte Carlo in
+  tests/unit/test_fdp_audit.py): m canaries each present with probability 1/2, k guessed present, v right. If
+  P[>= v right] >= tau under any f-DP mechanism, the masses of right and wrong guesses on the events {>= i right}
+  obey a chain of inequalities from i = v down to 0 that must end at total mass k/m; when the least mass it allows
+  exceeds k/m, the claim is rejected at level tau. Valid whatever the mechanism does, hence weak: at epsilon 8 it
+  shows about half.
+- `independent_points`: when the canaries' observations are independent draws of the mechanism with and without
+  each canary (true of Dirac canaries in a correct DP-SGD: client.canaries), every threshold fixed without them
+  gives Clopper-Pearson bounds on a test's error rates, and a point below f rejects the claim. This is the test of
+  "the implementation does what its accountant assumes"; it is as tight as auditing with many training runs.
 
-The empirical epsilon reported next to the verdict needs a family of claims to search: here the same DP-SGD
-(sampling rate and steps) with its noise scaled by s. The bound is the epsilon of the noisiest member the canaries
-reject; that is an assumption about the shape of the leak. The pass/fail verdict makes no such assumption: it tests
-the accountant's own curve.
+The empirical epsilon reported next to a verdict needs a family of claims to search: the same DP-SGD (sampling rate
+and steps) with its noise scaled by s. The bound is the epsilon of the noisiest member the canaries reject; that
+is an assumption about the shape of the leak, which the verdicts do not make (they test the accountant's own curve).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution
+from scipy import stats
 
 History = Sequence[tuple[float, float, int]]
 
@@ -66,8 +70,6 @@ class TradeOff:
 
 def gaussian_profile(mu: float, delta: float, points: int = PROFILE_POINTS) -> TradeOff:
     """mu-GDP's exact privacy profile (Dong, Roth & Su, Corollary 2.13): a reference for tests and comparisons."""
-    from scipy import stats
-
     epsilons = np.linspace(0.0, mu * mu / 2 + 10 * mu, points)
     deltas = stats.norm.cdf(-epsilons / mu + mu / 2) - np.exp(epsilons) * stats.norm.cdf(-epsilons / mu - mu / 2)
     eps_at = float(np.interp(-delta, -deltas, epsilons)) if deltas[-1] < delta else math.inf
@@ -113,17 +115,54 @@ def rejects(m: int, guesses: int, correct: int, curve: TradeOff, significance: f
 
 def family_epsilon(m: int, guesses: int, correct: int, history: History, delta: float, significance: float
                    ) -> tuple[float, float]:
-    """(epsilon, noise scale) of the noisiest member of the family (the history's noise x s, s in NOISE_SCALES)
-    that this outcome rejects; (0, inf) when it rejects none. Rejection only gets easier as s grows, so a binary
-    search over the grid finds it; rounding to the grid only lowers the bound."""
-    if not rejects(m, guesses, correct, trade_off(history, delta, NOISE_SCALES[-1]), significance):
+    """One run: (epsilon, noise scale) of the noisiest member of the family (the history's noise x s, s in
+    NOISE_SCALES) that this outcome rejects; (0, inf) when it rejects none."""
+    return noisiest_rejected(history, delta, lambda curve: rejects(m, guesses, correct, curve, significance))
+
+
+def noisiest_rejected(history: History, delta: float, rejected: Callable[[TradeOff], bool]) -> tuple[float, float]:
+    """(epsilon, noise scale) of the noisiest family member `rejected` rejects; (0, inf) when it rejects none.
+    Rejection only gets easier as the noise grows, so a binary search over the grid finds it; rounding to the grid
+    only lowers the bound."""
+    if not rejected(trade_off(history, delta, NOISE_SCALES[-1])):
         return 0.0, math.inf
     low, high = -1, len(NOISE_SCALES) - 1  # NOISE_SCALES[high] is rejected; [low] is not (or off the grid)
     while high - low > 1:
         middle = (low + high) // 2
-        if rejects(m, guesses, correct, trade_off(history, delta, NOISE_SCALES[middle]), significance):
+        if rejected(trade_off(history, delta, NOISE_SCALES[middle])):
             high = middle
         else:
             low = middle
     scale = NOISE_SCALES[high]
     return trade_off(history, delta, scale).epsilon, scale
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One threshold's counts with their Clopper-Pearson bounds (each one-sided at the given significance)."""
+
+    threshold: float
+    false_positive_upper: float
+    true_positive_lower: float
+
+    @classmethod
+    def of(cls, present: np.ndarray, absent: np.ndarray, threshold: float, significance: float) -> OperatingPoint:
+        false_positives, true_positives = int((absent > threshold).sum()), int((present > threshold).sum())
+        upper = 1.0 if false_positives >= len(absent) else float(
+            stats.beta.ppf(1 - significance, false_positives + 1, len(absent) - false_positives))
+        lower = 0.0 if true_positives == 0 else float(
+            stats.beta.ppf(significance, true_positives, len(present) - true_positives + 1))
+        return cls(threshold, upper, lower)
+
+    def below(self, curve: TradeOff) -> bool:
+        """The curve allows no test this good: type-II error 1 - TPR under f(FPR)."""
+        return 1.0 - self.true_positive_lower < curve.type_two(self.false_positive_upper)
+
+
+def independent_points(present: np.ndarray, absent: np.ndarray, thresholds: Sequence[float], significance: float
+                       ) -> list[OperatingPoint]:
+    """Scores of canaries that are independent draws of the mechanism with (present) and without (absent) them.
+    `thresholds` must be fixed without looking at these scores; the significance is split over them and over the
+    two bounds of each."""
+    each = significance / (2 * len(thresholds))
+    return [OperatingPoint.of(np.asarray(present), np.asarray(absent), t, each) for t in thresholds]

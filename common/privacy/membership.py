@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
-from common.privacy.fdp_audit import History, family_epsilon, rejects, trade_off
+from common.privacy.fdp_audit import History, family_epsilon, independent_points, noisiest_rejected, trade_off
 
 
 @dataclass(frozen=True)
@@ -119,49 +119,71 @@ def one_run_epsilon_lower_bound(m: int, guesses: int, correct: int, delta: float
 
 
 WHITEBOX_GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45)  # fixed in advance, all below the ~1/2 present
+TUNING_FRACTION = 1 / 3  # canaries that only choose the thresholds; the others test them
+THRESHOLD_RATES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # quantiles of the absent tuning canaries' scores
 
 
 @dataclass(frozen=True)
 class WhiteBoxBound:
-    """What the white-box canaries show, at `confidence` over every statistic and guess count (Bonferroni)."""
+    """What the white-box canaries show, each claim at `confidence` over every statistic, threshold and guess count.
 
-    rejects_claim: bool  # the outcome is too good for the accountant's own trade-off curve (f-DP one-run test)
-    epsilon: float  # epsilon of the noisiest DP-SGD of the claimed kind (noise x s) the canaries reject
-    steinke_epsilon: float  # the (epsilon, delta) bound of Steinke et al.: no assumption on the leak's shape
-    guesses: int  # at the statistic and guess count that gave `epsilon`
-    correct: int
-    ceiling: float  # the most `epsilon` can reach with this many canaries: every guess right
+    The verdict and `epsilon` treat the canaries as independent draws of the mechanism, which they are when the
+    implementation is correct (the hypothesis tested; see client.canaries); `one_run_epsilon` assumes nothing."""
+
+    rejects_claim: bool  # some operating point lies below the accountant's own trade-off curve
+    epsilon: float  # epsilon of the noisiest DP-SGD of the claimed kind (noise x s) that the canaries reject
+    one_run_epsilon: float  # the same from the one-run f-DP test (Mahloujifar et al. 2025): no assumption at all
+    false_positive_upper: float  # at the operating point that gave `epsilon`
+    true_positive_lower: float
+    ceiling: float  # the most `epsilon` can reach with these canaries: perfect separation
     canaries: int
     confidence: float
     score: str = ""
 
 
-def whitebox_ceiling(canaries: int, history: History, delta: float, statistics: int = 2,
+def tuning_canaries(m: int, seed: int) -> np.ndarray:
+    """Which canaries choose the thresholds (drawn independently of everything the game observes)."""
+    return np.random.default_rng([seed, 0x70E]).random(m) < TUNING_FRACTION
+
+
+def whitebox_ceiling(included: np.ndarray, seed: int, history: History, delta: float, statistics: int = 2,
                      confidence: float = 0.95) -> float:
-    """The largest epsilon `whitebox_bound` can show for this DP-SGD history with this many canaries (every guess
-    right at the best guess count). An implementation leaking more than this cannot be told from one leaking this."""
-    significance = (1 - confidence) / (statistics * len(WHITEBOX_GUESS_FRACTIONS))
-    return max(family_epsilon(canaries, k, k, history, delta, significance)[0]
-               for k in {max(1, int(f * canaries)) for f in WHITEBOX_GUESS_FRACTIONS})
+    """The largest epsilon `whitebox_bound` can show for this DP-SGD history with these canaries: every present
+    testing canary above a threshold, no absent one. A leak beyond it cannot be told from one this large."""
+    testing = np.asarray(included, dtype=bool)[~tuning_canaries(len(included), seed)]
+    points = independent_points(np.ones(int(testing.sum())), np.zeros(int((~testing).sum())),
+                                [0.5] * len(THRESHOLD_RATES), (1 - confidence) / statistics)
+    return noisiest_rejected(history, delta, points[0].below)[0]
 
 
-def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, claimed: History, delta: float,
+def whitebox_bound(scores: dict[str, np.ndarray], included: np.ndarray, seed: int, claimed: History, delta: float,
                    confidence: float = 0.95) -> WhiteBoxBound:
-    """For each statistic and each k in a grid fixed in advance, guess "present" for the k highest scores and test
-    the accountant's claimed history (its trade-off curve) at significance (1 - confidence) / (statistics x grid)."""
-    m = len(included)
-    significance = (1 - confidence) / (len(scores) * len(WHITEBOX_GUESS_FRACTIONS))
+    """Test the accountant's claimed history (its trade-off curve) with each statistic: thresholds at quantiles of
+    the absent tuning canaries' scores, counts on the testing canaries (the significance split over statistics).
+    Also the one-run f-DP bound on all canaries, guessing the top k for k in a grid fixed in advance."""
+    included = np.asarray(included, dtype=bool)
+    tuning = tuning_canaries(len(included), seed)
+    significance = (1 - confidence) / len(scores)
     curve = trade_off(claimed, delta)
-    rejected, best, steinke = False, (0.0, 0, 0, ""), 0.0
+    rejected, best, one_run = False, (0.0, 1.0, 0.0, ""), 0.0
     for name, values in scores.items():
-        order = np.argsort(-np.asarray(values), kind="stable")
-        for fraction in WHITEBOX_GUESS_FRACTIONS:
-            k = max(1, int(fraction * m))
-            correct = int(np.asarray(included)[order[:k]].sum())
-            rejected = rejected or rejects(m, k, correct, curve, significance)
-            epsilon, _ = family_epsilon(m, k, correct, claimed, delta, significance)
-            if epsilon > best[0]:
-                best = (epsilon, k, correct, name)
-            steinke = max(steinke, one_run_epsilon_lower_bound(m, k, correct, delta, 1 - significance))
-    return WhiteBoxBound(rejected, best[0], steinke, best[1], best[2],
-                         whitebox_ceiling(m, claimed, delta, len(scores), confidence), m, confidence, best[3])
+        values = np.asarray(values, dtype=np.float64)
+        thresholds = np.quantile(values[tuning & ~included], [1 - rate for rate in THRESHOLD_RATES])
+        test, present = values[~tuning], included[~tuning]
+        points = independent_points(test[present], test[~present], thresholds, significance)
+        rejected = rejected or any(p.below(curve) for p in points)
+        epsilon, _ = noisiest_rejected(claimed, delta, lambda c, points=points: any(p.below(c) for p in points))
+        if epsilon > best[0]:
+            strongest = max(points, key=lambda p: p.true_positive_lower / p.false_positive_upper)
+            best = (epsilon, strongest.false_positive_upper, strongest.true_positive_lower, name)
+        one_run = max(one_run, _one_run_epsilon(values, included, claimed, delta, significance))
+    ceiling = whitebox_ceiling(included, seed, claimed, delta, len(scores), confidence)
+    return WhiteBoxBound(rejected, best[0], one_run, best[1], best[2], ceiling, len(included), confidence, best[3])
+
+
+def _one_run_epsilon(values: np.ndarray, included: np.ndarray, claimed: History, delta: float,
+                     significance: float) -> float:
+    m, order = len(included), np.argsort(-values, kind="stable")
+    each = significance / len(WHITEBOX_GUESS_FRACTIONS)
+    return max(family_epsilon(m, k, int(included[order[:k]].sum()), claimed, delta, each)[0]
+               for k in (max(1, int(f * m)) for f in WHITEBOX_GUESS_FRACTIONS))

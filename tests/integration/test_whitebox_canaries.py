@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
-from client.canaries import Breakage, play
+from client.canaries import Breakage, DiracCanaries, play
 from common.config import resolve
 from common.data.site import load_site_data
 from common.errors import CareFedError
@@ -40,13 +41,33 @@ def test_an_accountant_that_forgets_earlier_rounds_is_caught():
 def test_the_correct_implementation_passes_with_a_positive_bound():
     result = _game(Breakage.NONE, rounds=5, canaries=4000)
     assert result.consistent
-    assert 0 < result.bound.steinke_epsilon < result.bound.epsilon < result.claimed_epsilon
+    assert 0 < result.bound.one_run_epsilon < result.bound.epsilon < result.claimed_epsilon
+    assert result.bound.epsilon > 0.6 * result.claimed_epsilon  # close to what the accountant claims
     assert result.bound.ceiling > result.claimed_epsilon > 7.9  # it could have failed: the audit has the power
+
+
+def test_what_the_canaries_observe_in_a_correct_dp_sgd_is_the_mechanism_the_accountant_analyses(monkeypatch):
+    """After the site's own images are taken away, an absent canary sees only the noise (mean 0, standard deviation
+    sigma) and a present one 1 at the sampling rate: the independence the verdict relies on, seen."""
+    seen = {}
+    scores = DiracCanaries.scores
+
+    def keep(game: DiracCanaries, noise_multiplier: float):
+        seen["x"], seen["present"] = np.stack(game.observations), game.included
+        return scores(game, noise_multiplier)
+
+    monkeypatch.setattr(DiracCanaries, "scores", keep)
+    result = _game(Breakage.NONE, rounds=2, canaries=4000)
+    absent, present = seen["x"][:, ~seen["present"]], seen["x"][:, seen["present"]]
+    assert abs(absent.mean()) < 0.02 and absent.std() == pytest.approx(result.noise_multiplier, rel=0.02)
+    assert present.mean() == pytest.approx(result.sample_rate, abs=0.02)
+    steps = np.corrcoef(absent[:4])  # fresh noise at every step: no correlation between steps
+    assert np.abs(steps[np.triu_indices(4, 1)]).max() < 0.1
 
 
 def test_too_few_canaries_to_fail_the_study_are_refused_before_training():
     with pytest.raises(CareFedError, match="could not fail"):
-        _game(Breakage.NONE, rounds=5, canaries=1000)
+        _game(Breakage.NONE, rounds=5, canaries=50)
 
 
 @pytest.mark.slow
