@@ -113,17 +113,18 @@ def test_the_opt_in_is_counted_and_the_report_says_those_images_get_only_image_l
 
 def test_a_site_audits_its_own_dp_sgd_with_white_box_canaries_on_its_own_images(tmp_path: Path):
     data = _site_folder(tmp_path / "images")
-    result = _carefed("site", "check", "--data", str(data), "--rounds", "4", "--whitebox", "4000", "--json",
+    result = _carefed("site", "check", "--data", str(data), "--rounds", "4", "--whitebox", "1000", "--json",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     game, plan = report["whitebox"], report["privacy"]
-    assert game["consistent"] and game["canaries"] == 4000 and game["rounds"] == 4
+    assert game["consistent"] and game["canaries"] == 1000 and game["rounds"] == 4
     # the game trained this site's planned run (its sampling, its steps, its noise for its budget) and had the
     # power to fail it
     assert game["sample_rate"] == plan["sample-rate"] and game["steps"] == 4 * plan["steps-per-round"]
     assert game["noise_multiplier"] == pytest.approx(plan["noise-multiplier"])
-    assert game["claimed_epsilon"] == pytest.approx(plan["budget"], abs=0.05) < game["ceiling"]
+    assert game["claimed_epsilon"] == pytest.approx(plan["budget"], abs=0.05)
+    assert game["ceiling"] > game["claimed_epsilon"]
     assert game["epsilon_lower_bound"] > 0  # the canaries went through the site's AES-CTR noise path and were seen
 
     too_few = _carefed("site", "check", "--data", str(data), "--whitebox", "20", cwd=tmp_path)

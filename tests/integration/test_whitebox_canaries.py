@@ -87,7 +87,7 @@ def test_carefed_audit_fails_a_run_whose_sites_train_with_broken_dp_sgd(tmp_path
                   cwd=tmp_path)
     assert sim.returncode == 0, sim.stderr[-3000:]
     run = tmp_path / "study"
-    honest = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "4000", "--json"])
+    honest = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "1000", "--json"])
     assert honest.exit_code == 0, honest.output[-3000:]
     whitebox = json.loads(honest.output)["whitebox"]
     assert set(whitebox["sites"]) == {"0", "1", "2"} and whitebox["can_fail"]
@@ -99,7 +99,7 @@ def test_carefed_audit_fails_a_run_whose_sites_train_with_broken_dp_sgd(tmp_path
     assert total >= 4 and int(re.search(r'data-images-loaded="(\d+)"', dom).group(1)) == total
     monkeypatch.setattr(client.canaries, "play", functools.partial(client.canaries.play,
                                                                    breakage=Breakage.NOISE_TENTH))
-    broken = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "4000"])
+    broken = CliRunner().invoke(app, ["audit", str(run), "--whitebox", "1000"])
     assert broken.exit_code == 1
     printed = " ".join(broken.output.split())  # the console wraps long lines
     for site in range(3):
