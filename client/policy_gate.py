@@ -128,14 +128,26 @@ def state_dir(context: Context, config: RunConfig, site: int) -> Path:
     return Path(config.output_dir).expanduser().resolve() / config.run_name / "sites" / f"site-{site:04d}"
 
 
-def enrolment_for(context: Context, content: RecordDict) -> Enrolment | None:
-    """The site's identity and the study CA it verifies peers against, where its policy requires enrolled peers
-    (a deployed site's policy; a simulation's secagg-identities). Read from the site's own files, never a message."""
+def enrolment_for(context: Context, content: RecordDict, round_requires: bool) -> Enrolment | None:
+    """The site's identity and the study CA it verifies peers against, read from the site's own files, never a
+    message. Loaded where the site's policy requires enrolled peers (a deployed site's policy; a simulation's
+    secagg-identities), and where the round asks for them and the site has an identity: a round stricter than the
+    policy is fine, one laxer than it is refused (client.secagg_mod)."""
     request = SiteRequest.parse(content)  # the gate has checked it
     config = _site_config(content, context).with_request(request)
     site = site_id(context)
-    if not site_policy(context, config, site).require_signatures:
+    required = site_policy(context, config, site).require_signatures
+    if not (required or round_requires):
         return None
+    try:
+        return _load_enrolment(context, config, site, request)
+    except SecAggAbort:
+        if required:
+            raise
+        return None  # not enrolled, and its policy does not need it: the round decides whether it may take part
+
+
+def _load_enrolment(context: Context, config: RunConfig, site: int, request: SiteRequest) -> Enrolment:
     if is_simulated(context):
         folder = state_dir(context, config, site).parent.parent / "identities" / f"site-{site}"
     elif IDENTITY_KEY in context.node_config:

@@ -49,16 +49,18 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             raise MalformedMessage(AbortReason.BAD_REQUEST, "the secagg record is not a config record")
         request = parse_request(record)
         if isinstance(request, AdvertiseRequest):
-            return _reply(msg, _advertise(request, context, enrolment_for(context, msg.content)))
-        session = _session(context, enrolment_for(context, msg.content)
-                           if isinstance(request, ShareKeysRequest) else None)
+            enrolment = enrolment_for(context, msg.content, request.protocol.require_signatures)
+            return _reply(msg, _advertise(request, context, enrolment))
+        session = _session(context)
         session.expect_session(request.round, getattr(request, "session", None))
         if isinstance(request, ShareKeysRequest):
+            session.enrolment = enrolment_for(context, msg.content, session.config.require_signatures)
             content = _share_keys(request, session)
         elif isinstance(request, MaskedInputRequest):
             return _masked_input(msg, request, session, context, call_next)
         elif isinstance(request, ConsistencyRequest):
-            session.enrolment = enrolment_for(context, msg.content)  # its identity signs the survivor set
+            # its identity signs the survivor set
+            session.enrolment = enrolment_for(context, msg.content, session.config.require_signatures)
             signature = session.consistency_check(request.survivors)
             content = RecordDict({messages.SECAGG: ConfigRecord(ConsistencyReply(signature).record())})
         else:
@@ -84,20 +86,21 @@ def _reply(msg: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _session(context: Context, enrolment: Enrolment | None) -> ClientSession:
+def _session(context: Context) -> ClientSession:
     if SESSION_STATE not in context.state:
         raise SecAggAbort(AbortReason.WRONG_STAGE, "no advertised session")
-    return ClientSession.from_state(context.state[SESSION_STATE], enrolment)
+    return ClientSession.from_state(context.state[SESSION_STATE])
 
 
 def _advertise(request: AdvertiseRequest, context: Context, enrolment: Enrolment | None) -> RecordDict:
-    """Fresh keys, signed where the site is enrolled. An enrolled site (its policy) only takes part in a round that
-    runs the consistency check; a site without an identity cannot take part in one that requires it."""
+    """Fresh keys, signed where the round requires enrolled sites. A site whose policy requires them only takes
+    part in a round that runs them (and the consistency check); a site without an identity cannot take part in one
+    that requires them."""
     if enrolment is not None and not request.protocol.require_signatures:
         raise SecAggAbort(AbortReason.BAD_REQUEST, "this site's policy requires enrolled peers and the consistency "
                                                    "check; the round has them off")
     if enrolment is None and request.protocol.require_signatures:
-        raise SecAggAbort(AbortReason.NO_IDENTITY, "the round requires enrolled sites; this site's policy has them off")
+        raise SecAggAbort(AbortReason.NO_IDENTITY, "the round requires enrolled sites; this site has no identity")
     session = ClientSession(context.node_id, request.protocol, enrolment)
     ad = session.advertise_keys()
     context.state[SESSION_STATE] = ConfigRecord(session.to_state())

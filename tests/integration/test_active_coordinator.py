@@ -379,3 +379,20 @@ def test_a_wrong_share_is_caught_by_a_spare_share_and_the_round_aborts_by_name()
     outcome, _ = _round(reply=lie, dropout_rate=0.3)  # t < n: spare shares exist
     assert outcome.aborted.startswith(AbortReason.RECONSTRUCTION_FAILED.name), outcome.aborted
     assert outcome.total.contributors == 0
+
+
+def test_a_round_stricter_than_a_sites_policy_is_joined_with_the_sites_identity():
+    """Sites 1 and 2 do not require enrolled peers (their own settings), but they are enrolled: a round that requires
+    signatures and the consistency check is stricter than their policy, so they sign it like everyone else. (The
+    reverse, a round laxer than a site's policy, is refused: test_gate_attacks.)"""
+    def lax_sites(stage: Stage, node: int, content: RecordDict) -> RecordDict | None:
+        if node not in (1, 2):
+            return None
+        out = _copy(content)
+        out[messages.SIMULATION] = ConfigRecord({**dict(content[messages.SIMULATION]), "secagg-identities": False})
+        return out
+
+    outcome, grid = _round(request=lax_sites, dropout_rate=0.1)
+    assert outcome.aborted == "" and outcome.total.contributors == 8
+    assert not any(_status(grid, stage, node) for stage in STAGES for node in (1, 2))  # no refusal on the way
+    np.testing.assert_allclose(outcome.total.mean(), _mean_of(range(1, 9)), atol=1e-4)
