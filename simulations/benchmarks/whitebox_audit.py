@@ -7,9 +7,9 @@ Power: at the audit's settings (site 0 of the default study, noise calibrated fo
 implementation and each test-only breakage (noise multiplier / 10, no clipping, noise re-seeded every step, an
 accountant that forgets earlier rounds) play the game with several seeds; reported: how often each is called
 inconsistent (a false alarm for the correct one, a catch for the broken ones) and its bounds.
-Tightness: the correct implementation at each epsilon with --tightness-canaries canaries; reported: the f-DP
-empirical epsilon and the (epsilon, delta) bound, the accountant's epsilon, their ratio, the ceiling (whether the
-game could fail there), time and peak memory.
+Tightness: the correct implementation at each epsilon with --tightness-canaries canaries; reported: the lower
+bound and the one-run bound, the accountant's epsilon, their ratio, the ceiling (whether the game could fail
+there), time and peak memory.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--power", action="store_true")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epsilon", type=float, default=2.0, help="the power check's audit epsilon")
-    parser.add_argument("--canaries", type=int, default=2000, help="the power check's canaries")
+    parser.add_argument("--epsilon", type=float, default=8.0, help="the power check's audit epsilon")
+    parser.add_argument("--canaries", type=int, default=4000, help="the power check's canaries")
     parser.add_argument("--rounds", type=int, default=5, help="the power check's planned rounds")
     parser.add_argument("--tightness", type=float, nargs="*", default=[])
     parser.add_argument("--tightness-canaries", type=int, default=4000)
