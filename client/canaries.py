@@ -19,8 +19,13 @@ training. Two statistics: the Neyman-Pearson statistic of that mechanism, sum_t 
 sigma^2)), and the same on x_t minus its median over the steps (noise that repeats from step to step cancels
 there). A third of the canaries choose thresholds (quantiles of their absent members' statistics); on the others,
 Clopper-Pearson bounds on each threshold's error rates test the accountant's own trade-off curve and bound epsilon
-(common.privacy.fdp_audit, common.privacy.membership.whitebox_bound). The one-run f-DP bound, which assumes nothing
+(common.privacy.fdp_audit, common.privacy.membership.whitebox_bound). The one-run f-DP test, which assumes nothing
 about the implementation, is reported beside it.
+
+What this checks: the optimizer's clipping, noise and scaling (on one coordinate per canary) and the accountant's
+arithmetic over the steps taken. What it does not: the per-sample gradients of real images, the data loader's
+sampling (canaries are sampled here, at the accountant's rate), per-layer clipping (a one-coordinate canary is cut
+to C either way), or noise correlated across coordinates.
 
 `Breakage` holds the test-only faults the audit must catch; production code never selects one.
 """
@@ -49,7 +54,7 @@ from common.privacy.membership import WhiteBoxBound, whitebox_bound, whitebox_ce
 
 AMPLITUDE = 100.0  # a canary's norm before clipping, in units of C: an optimizer that does not clip lets 100x through
 REPEATED_NOISE_SEED = 20_231_130
-ROWS_PER_CALL = 256  # canary rows clipped per call (each row is model-sized)
+ROWS_BUDGET = 2**24  # canary values clipped per call (each row is model-sized): 64 MB of float32
 
 
 class Breakage(Enum):
@@ -58,7 +63,8 @@ class Breakage(Enum):
     NONE = "none"
     NOISE_TENTH = "noise-tenth"  # noise drawn with a tenth of the noise multiplier the accountant is told
     NO_CLIPPING = "no-clipping"  # per-sample gradients summed unclipped
-    REPEATED_NOISE = "repeated-noise"  # the noise generator re-seeded identically before every step
+    REPEATED_NOISE = "repeated-noise"  # the noise generator re-seeded identically before every step (in simulation
+    # the image sampler shares it, so the same images are drawn every step too)
     ACCOUNTANT_FORGETS = "accountant-forgets"  # the epsilon claimed after each round covers that round only
 
 
@@ -88,7 +94,9 @@ class DiracCanaries:
 
     def attach(self, optimizer: DPOptimizer, breakage: Breakage = Breakage.NONE) -> None:
         """Add the sampled canaries' rows before the optimizer clips; read the weights after each step."""
+        _check_plain_sgd(optimizer)
         params = list(optimizer.params)
+        rows_per_call = max(1, ROWS_BUDGET // int(sum(p.numel() for p in params)))
         bounds = np.cumsum([0] + [p.numel() for p in params])
         owner = np.searchsorted(bounds, self.coordinates, side="right") - 1
         local = self.coordinates - bounds[owner]
@@ -105,8 +113,8 @@ class DiracCanaries:
                               < self.sample_rate).numpy()]
             # then the sampled canaries, a bounded block of rows at a time: Opacus adds each call's clipped rows
             # to the same summed gradient, so the result is one clipped sum, as if they were one batch
-            for start in range(0, len(chosen), ROWS_PER_CALL):
-                block = chosen[start:start + ROWS_PER_CALL]
+            for start in range(0, len(chosen), rows_per_call):
+                block = chosen[start:start + rows_per_call]
                 for k, p in enumerate(params):
                     rows = torch.zeros((len(block), p.numel()), dtype=p.dtype, device=p.device)
                     mine = np.flatnonzero(owner[block] == k)
@@ -158,11 +166,21 @@ def _likelihood_ratio(x: np.ndarray, q: float, noise_multiplier: float) -> np.nd
     return np.logaddexp(math.log1p(-q), math.log(q) + (x - 0.5) / variance).sum(axis=0)
 
 
+def _check_plain_sgd(optimizer: DPOptimizer) -> None:
+    """The iterates are inverted as SGD with momentum at a constant step: anything else would leave a data-dependent
+    term in what the canaries observe."""
+    for group in optimizer.original_optimizer.param_groups:
+        if group.get("weight_decay") or group.get("dampening") or group.get("nesterov") or group.get("maximize"):
+            raise CareFedError("the white-box game inverts plain SGD with momentum; this optimizer has weight decay, "
+                               "dampening, Nesterov or maximize set")
+
+
 def break_optimizer(optimizer: DPOptimizer, breakage: Breakage) -> None:
     """Apply a test-only fault to a real DPOptimizer (the accountant's hook still sees the declared settings)."""
     if breakage is Breakage.NOISE_TENTH:
-        _around(optimizer, "add_noise", lambda: setattr(optimizer, "noise_multiplier", optimizer.noise_multiplier / 10),
-                lambda: setattr(optimizer, "noise_multiplier", optimizer.noise_multiplier * 10))
+        declared = optimizer.noise_multiplier
+        _around(optimizer, "add_noise", lambda: setattr(optimizer, "noise_multiplier", declared / 10),
+                lambda: setattr(optimizer, "noise_multiplier", declared))
     elif breakage is Breakage.NO_CLIPPING:
         saved = optimizer.max_grad_norm
         _around(optimizer, "clip_and_accumulate", lambda: setattr(optimizer, "max_grad_norm", math.inf),
@@ -223,9 +241,10 @@ class GameResult:
                 "consistent": self.consistent, "seconds": self.seconds}
 
 
-def whitebox_problem(game: DiracCanaries, planned: list[tuple[float, float, int]], delta: float) -> str:
+def whitebox_problem(game: DiracCanaries, planned: list[tuple[float, float, int]], delta: float,
+                     confidence: float = 0.95) -> str:
     """Why a game with these canaries could not fail this DP-SGD plan ("" when it could)."""
-    ceiling = whitebox_ceiling(game.included, game.seed, planned, delta)
+    ceiling = whitebox_ceiling(game.included, game.seed, planned, delta, confidence=confidence)
     claimed = trade_off(planned, delta).epsilon
     if ceiling <= claimed:
         return (f"{len(game.included)} white-box canaries can show at most epsilon {ceiling:.2f} for this study's "
@@ -235,10 +254,11 @@ def whitebox_problem(game: DiracCanaries, planned: list[tuple[float, float, int]
 
 
 def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage = Breakage.NONE, seed: int = 0,
-         secure_noise: bool = False, require_power: bool = True) -> GameResult:
+         secure_noise: bool = False, require_power: bool = True, confidence: float = 0.95) -> GameResult:
     """Train the site's model for the study's planned rounds with its own DP-SGD (noise calibrated as the site
-    calibrates it) and `canaries` Dirac canaries; test the accountant's claim against the iterates. Refused when
-    the game could not fail at this epsilon, unless `require_power` is off (to measure tightness)."""
+    calibrates it) and `canaries` Dirac canaries; test the accountant's claim against the iterates at
+    `confidence`. Refused when the game could not fail at this epsilon, unless `require_power` is off (to measure
+    tightness)."""
     if config.privacy_unit != "image" or not config.dp:
         raise CareFedError("the white-box game audits image-level DP-SGD; this study is "
                            f"{'not private' if not config.dp else 'patient-level'}")
@@ -255,7 +275,7 @@ def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage
     except ValueError as err:
         raise CareFedError(str(err)) from None
     planned = [(privacy.noise_multiplier, privacy.sample_rate, privacy.steps_per_round * config.planned_rounds)]
-    problem = whitebox_problem(game, planned, privacy.delta) if require_power else ""
+    problem = whitebox_problem(game, planned, privacy.delta, confidence) if require_power else ""
     if problem:
         raise CareFedError(problem)
     generator = torch.Generator().manual_seed(seed + 2)
@@ -268,7 +288,7 @@ def play(config: RunConfig, data: SiteData, *, canaries: int, breakage: Breakage
         claimed_history = _only_new(privacy.history, before) if forgets else list(privacy.history)
     claimed = SitePrivacy(**{**vars(privacy), "history": claimed_history}).epsilon()
     bound = whitebox_bound(game.scores(privacy.noise_multiplier), game.included, game.seed, claimed_history,
-                           privacy.delta)
+                           privacy.delta, confidence)
     return GameResult(breakage.value, config.planned_rounds, len(game.observations), privacy.noise_multiplier,
                       privacy.sample_rate, claimed, privacy.delta, bound, time.perf_counter() - started)
 

@@ -318,7 +318,7 @@ def _print_empirical(extra: dict[str, Any]) -> None:
     if "whitebox" in extra:
         for site_, r in extra["whitebox"]["sites"].items():
             out.print(f"white-box canaries, site {site_}: epsilon >= {r['epsilon_lower_bound']:.3f} at 95% "
-                      f"({r['score']}; one-run bound, no assumption: {r['one_run_epsilon']:.3f}), accountant "
+                      f"({r['score']}; one-run bound: {r['one_run_epsilon']:.3f}), accountant "
                       f"{r['claimed_epsilon']:.3f} (ratio {r['bound_over_claimed']:.2f}); the most {r['canaries']} "
                       f"canaries can show: {r['ceiling']:.2f}; "
                       f"{'consistent' if r['consistent'] else 'INCONSISTENT: the canaries reject its trade-off curve'}")

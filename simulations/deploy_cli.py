@@ -262,7 +262,7 @@ def _print_site_report(report: dict[str, Any]) -> None:
                                                                       "do what its accountant assumes[/]"
         out.print(f"White-box canaries ({game['canaries']}, noise calibrated for epsilon {game['claimed_epsilon']:.2f}"
                   f" over {game['rounds']} rounds, {game['steps']} steps): epsilon >= {game['epsilon_lower_bound']:.3f}"
-                  f" at 95% (one-run bound, no assumption: {game['one_run_epsilon']:.3f}); the most they can show: "
+                  f" at 95% (one-run bound: {game['one_run_epsilon']:.3f}); the most they can show: "
                   f"{game['ceiling']:.2f}; {verdict}", soft_wrap=True)
 
 

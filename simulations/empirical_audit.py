@@ -200,15 +200,18 @@ def score_canaries(config: RunConfig, model: nn.Module, reference: nn.Module) ->
 def whitebox_audit(run_dir: Path, canaries: int, epsilon: float | None = None) -> dict[str, Any]:
     """Every site of the run plays the white-box canary game (client.canaries) with the run's model, data, batch
     size, epochs and planned rounds, its noise calibrated for `epsilon` (None: each site's own budget): its own
-    DP-SGD audited as it runs. Refused (CareFedError) where this many canaries could not fail it."""
+    DP-SGD audited as it runs, each site at 1 - 0.05 / sites so the run's verdict is at 95%. Refused (CareFedError)
+    where this many canaries could not fail it."""
     from client.canaries import play
 
     config = run_config(run_dir)
     if epsilon is not None:
         config = config.replace(target_epsilon=epsilon, site_epsilons="")
     sites = {}
+    confidence = 1 - 0.05 / config.num_sites  # the run's verdict is at 95%: any site's false alarm fails it
     for site in range(config.num_sites):
-        result = play(config, load_site_data(config, site), canaries=canaries, seed=config.seed + site)
+        result = play(config, load_site_data(config, site), canaries=canaries, seed=config.seed + site,
+                      confidence=confidence)
         sites[str(site)] = result.to_json()
     result = {"canaries": canaries, "audit_epsilon": epsilon or config.target_epsilon, "sites": sites,
               "can_fail": all(s["ceiling"] > s["claimed_epsilon"] for s in sites.values())}

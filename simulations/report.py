@@ -276,10 +276,11 @@ def _whitebox(whitebox: dict[str, Any] | None) -> str:
               "Steinke, Nasr and Jagielski 2023, white box). In a correct DP-SGD each canary is then an independent "
               "run of the mechanism the accountant analyses; a third of them choose thresholds, and on the rest "
               "Clopper-Pearson bounds on the error rates test the accountant's whole trade-off curve: 'NO' means "
-              "they reject it at 95%, i.e. the site's DP-SGD does not do what its accountant assumes. The lower "
-              "bound is the epsilon of the noisiest DP-SGD with the same sampling and steps that the canaries "
-              "reject (an assumption on the leak's shape). The one-run bound (Mahloujifar, Melis and Chaudhuri "
-              "2025) assumes nothing about the implementation and is weaker. The ceiling is the most these canaries "
+              "they reject it (at 95% over the run's sites), i.e. the site's DP-SGD does not do what its "
+              "accountant assumes. The lower bound is the largest epsilon of a DP-SGD with the same sampling and "
+              "steps (its noise scaled) that the canaries reject: an assumption on the leak's shape. The one-run "
+              "bound (Mahloujifar, Melis and Chaudhuri 2025) comes from a test that assumes nothing about the "
+              "implementation and is weaker. The ceiling is the most these canaries "
               "can show.</p>"
             + _table(["site", "accountant epsilon", "lower bound", "bound / accountant", "one-run bound", "ceiling",
                       "TPR (low) / FPR (high)", "statistic", "consistent"], rows))

@@ -63,6 +63,8 @@ def test_what_the_canaries_observe_in_a_correct_dp_sgd_is_the_mechanism_the_acco
     assert present.mean() == pytest.approx(result.sample_rate, abs=0.02)
     steps = np.corrcoef(absent[:4])  # fresh noise at every step: no correlation between steps
     assert np.abs(steps[np.triu_indices(4, 1)]).max() < 0.1
+    z = absent / result.noise_multiplier  # nor between canaries: neighbouring coordinates, pooled over the steps
+    assert abs(float((z[:, :-1] * z[:, 1:]).mean())) < 0.05
 
 
 def test_too_few_canaries_to_fail_the_study_are_refused_before_training():

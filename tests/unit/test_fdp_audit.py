@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.privacy.fdp_audit import NOISE_SCALES, family_epsilon, gaussian_profile, rejects, trade_off
+from common.privacy.fdp_audit import (
+    NOISE_SCALES,
+    OperatingPoint,
+    family_epsilon,
+    gaussian_profile,
+    independent_points,
+    rejects,
+    trade_off,
+)
 
 GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45)
 
@@ -73,3 +81,23 @@ def test_the_family_bound_is_monotone_and_zero_for_coin_flips():
 def test_impossible_counts_are_refused():
     with pytest.raises(ValueError):
         rejects(100, 10, 11, gaussian_profile(1.0, 1e-5), 0.05)
+
+
+def test_each_operating_point_has_one_sided_clopper_pearson_bounds_at_its_bonferroni_share():
+    present = np.array([1.0] * 90 + [0.0] * 10)
+    absent = np.array([1.0] * 3 + [0.0] * 97)
+    points = independent_points(present, absent, [0.5, 2.0], 0.1)
+    each = 0.1 / 4  # two thresholds, two bounds each
+    assert points[0].false_positive_upper == pytest.approx(stats.beta.ppf(1 - each, 4, 97), rel=1e-12)
+    assert points[0].true_positive_lower == pytest.approx(stats.beta.ppf(each, 90, 11), rel=1e-12)
+    assert points[1].true_positive_lower == 0.0 and points[1].false_positive_upper == pytest.approx(
+        1 - each ** (1 / 100), rel=1e-9)  # no positives at all: the exact tail
+
+
+def test_a_point_on_the_curve_is_allowed_and_one_just_under_it_is_not():
+    curve = gaussian_profile(1.0, 1e-5)
+    alpha = 0.05
+    beta = curve.type_two(alpha)
+    assert not OperatingPoint(0.0, alpha, 1 - beta).below(curve)
+    assert OperatingPoint(0.0, alpha, 1 - beta + 1e-3).below(curve)
+    assert not OperatingPoint(0.0, alpha + 1e-3, 1 - beta).below(curve)  # a worse false-positive rate: allowed
