@@ -80,18 +80,29 @@ def gaussian_profile(mu: float, delta: float, points: int = PROFILE_POINTS) -> T
 def trade_off(history: History, delta: float, noise_scale: float = 1.0) -> TradeOff:
     """The trade-off curve of a DP-SGD history (Opacus's (noise, sample rate, steps) entries) with its noise
     multiplied by `noise_scale`."""
-    return _trade_off(tuple((float(s) * noise_scale, float(q), int(n)) for s, q, n in history), delta)
+    return _trade_off(_scaled(history, noise_scale), delta)
+
+
+def _scaled(history: History, noise_scale: float) -> tuple[tuple[float, float, int], ...]:
+    return tuple((float(s) * noise_scale, float(q), int(n)) for s, q, n in history)
+
+
+def _pld(history: tuple[tuple[float, float, int], ...], pessimistic: bool
+         ) -> privacy_loss_distribution.PrivacyLossDistribution:
+    pld = None
+    for sigma, rate, steps in history:
+        one = privacy_loss_distribution.from_gaussian_mechanism(
+            sigma, sampling_prob=rate, value_discretization_interval=DISCRETISATION,
+            pessimistic_estimate=pessimistic, use_connect_dots=pessimistic).self_compose(steps)
+        pld = one if pld is None else pld.compose(one)
+    if pld is None:
+        raise ValueError("an empty history claims perfect privacy; there is nothing to audit")
+    return pld
 
 
 @lru_cache(maxsize=256)
 def _trade_off(history: tuple[tuple[float, float, int], ...], delta: float) -> TradeOff:
-    pld = None
-    for sigma, rate, steps in history:
-        one = privacy_loss_distribution.from_gaussian_mechanism(
-            sigma, sampling_prob=rate, value_discretization_interval=DISCRETISATION).self_compose(steps)
-        pld = one if pld is None else pld.compose(one)
-    if pld is None:
-        raise ValueError("an empty history claims perfect privacy; there is nothing to audit")
+    pld = _pld(history, pessimistic=True)
     top = min(PROFILE_MAX_EPSILON, max(1.0, float(pld.get_epsilon_for_delta(PROFILE_FLOOR_DELTA))))
     epsilons = np.linspace(0.0, top, PROFILE_POINTS)
     deltas = np.asarray(pld.get_delta_for_epsilon(epsilons), dtype=np.float64)
@@ -142,18 +153,12 @@ def least_noisy_rejected(history: History, delta: float, rejected: Callable[[Tra
 
 def optimistic_epsilon(history: History, delta: float, noise_scale: float = 1.0) -> float:
     """Epsilon at `delta` from the optimistic PLD: never above the mechanism's true epsilon (for lower bounds)."""
-    return _optimistic_epsilon(tuple((float(s) * noise_scale, float(q), int(n)) for s, q, n in history), delta)
+    return _optimistic_epsilon(_scaled(history, noise_scale), delta)
 
 
 @lru_cache(maxsize=256)
 def _optimistic_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    pld = None
-    for sigma, rate, steps in history:
-        one = privacy_loss_distribution.from_gaussian_mechanism(
-            sigma, sampling_prob=rate, value_discretization_interval=DISCRETISATION, pessimistic_estimate=False,
-            use_connect_dots=False).self_compose(steps)
-        pld = one if pld is None else pld.compose(one)
-    return float(pld.get_epsilon_for_delta(delta)) if pld is not None else 0.0
+    return float(_pld(history, pessimistic=False).get_epsilon_for_delta(delta))
 
 
 @dataclass(frozen=True)
