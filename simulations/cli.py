@@ -246,7 +246,9 @@ def audit(
     if attack not in (None, "mia"):
         raise fail(2, f"--attack {attack!r} is not known; use --attack mia")
     if site and (attack or canaries or whitebox):
-        raise fail(2, "--attack, --canaries and --whitebox need the run folder (they train on the sites' data)")
+        raise fail(2, "--attack, --canaries and --whitebox need the run folder (they train on the sites' data); a "
+                      "deployed site audits its own DP-SGD on its own images with `carefed site check --data DIR "
+                      "--whitebox 4000`")
     if whitebox:
         _check_whitebox(whitebox, whitebox_epsilon)
     if canaries < 0 or shadows < 2 or (sweep is not None and not sweep.is_file()):

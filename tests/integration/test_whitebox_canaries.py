@@ -107,3 +107,14 @@ def test_carefed_audit_fails_a_run_whose_sites_train_with_broken_dp_sgd(tmp_path
     for site in range(3):
         assert f"site {site}: white-box canaries reject the privacy its accountant claims" in printed
     assert "does not do what the accountant assumes" in printed
+
+
+def test_a_deployed_site_is_pointed_to_its_own_white_box_game(tmp_path):
+    """`carefed audit --site` reads one ledger, with no images to train on; the site's game is `site check`."""
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["audit", str(tmp_path), "--site", "--whitebox", "4000"])
+    assert result.exit_code == 2
+    assert "carefed site check --data DIR --whitebox" in " ".join(result.output.split())
