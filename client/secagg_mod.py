@@ -54,13 +54,12 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         session = _session(context)
         session.expect_session(request.round, getattr(request, "session", None))
         if isinstance(request, ShareKeysRequest):
-            session.enrolment = enrolment_for(context, msg.content, session.config.require_signatures)
+            session.enrolment = _advertised_enrolment(context, msg.content, session)
             content = _share_keys(request, session)
         elif isinstance(request, MaskedInputRequest):
             return _masked_input(msg, request, session, context, call_next)
         elif isinstance(request, ConsistencyRequest):
-            # its identity signs the survivor set
-            session.enrolment = enrolment_for(context, msg.content, session.config.require_signatures)
+            session.enrolment = _advertised_enrolment(context, msg.content, session)  # it signs the survivor set
             signature = session.consistency_check(request.survivors)
             content = RecordDict({messages.SECAGG: ConfigRecord(ConsistencyReply(signature).record())})
         else:
@@ -90,6 +89,16 @@ def _session(context: Context) -> ClientSession:
     if SESSION_STATE not in context.state:
         raise SecAggAbort(AbortReason.WRONG_STAGE, "no advertised session")
     return ClientSession.from_state(context.state[SESSION_STATE])
+
+
+def _advertised_enrolment(context: Context, content: RecordDict, session: ClientSession) -> Enrolment | None:
+    """The identity a session advertised with: once keys went out signed, every later stage verifies and signs
+    with it, or the site stops (a coordinator cannot turn verification off mid-session by changing the study)."""
+    enrolment = enrolment_for(context, content, session.config.require_signatures)
+    if session.config.require_signatures and enrolment is None:
+        raise SecAggAbort(AbortReason.NO_IDENTITY, "this session's keys were advertised signed; the site's identity "
+                                                   "for this request does not load")
+    return enrolment
 
 
 def _advertise(request: AdvertiseRequest, context: Context, enrolment: Enrolment | None) -> RecordDict:

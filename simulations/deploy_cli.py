@@ -160,7 +160,7 @@ def _whitebox_game(config: Any, site_data: Any, canaries: int, epsilon: float | 
     from client.canaries import play
 
     with console.status(f"White-box canaries: training with {canaries} canaries on this site's images..."):
-        return play(config.replace(target_epsilon=epsilon) if epsilon else config, site_data, canaries=canaries,
+        return play(config if epsilon is None else config.replace(target_epsilon=epsilon), site_data, canaries=canaries,
                     secure_noise=True).to_json()
 
 

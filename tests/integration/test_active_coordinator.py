@@ -396,3 +396,23 @@ def test_a_round_stricter_than_a_sites_policy_is_joined_with_the_sites_identity(
     assert outcome.aborted == "" and outcome.total.contributors == 8
     assert not any(_status(grid, stage, node) for stage in STAGES for node in (1, 2))  # no refusal on the way
     np.testing.assert_allclose(outcome.total.mean(), _mean_of(range(1, 9)), atol=1e-4)
+
+
+def test_a_coordinator_cannot_switch_a_lax_site_out_of_verification_mid_session():
+    """Sites 1 and 2 (policy: identities not required) advertised signed keys; at share-keys the coordinator names
+    another study, for which their identity does not load. They stop instead of sharing with unverified peers."""
+    def other_study(stage: Stage, node: int, content: RecordDict) -> RecordDict | None:
+        if node not in (1, 2):
+            return None
+        out = _copy(content)
+        simulation = {**dict(content[messages.SIMULATION]), "secagg-identities": False}
+        if stage == Stage.SHARE_KEYS:
+            simulation["study-id"] = "another-study"
+            out["study"] = ConfigRecord({**dict(content["study"]), "study-id": "another-study"})
+        out[messages.SIMULATION] = ConfigRecord(simulation)
+        return out
+
+    _, grid = _round(request=other_study, dropout_rate=0.3)
+    for node in (1, 2):
+        assert _status(grid, Stage.SHARE_KEYS, node).startswith("NO_IDENTITY"), _status(grid, Stage.SHARE_KEYS, node)
+        assert not any(messages.SECAGG in c for s, u, c in grid.seen if s == Stage.SHARE_KEYS and u == node)
