@@ -299,11 +299,16 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
 
     model.to(site_device(config))
     generator = noise_generator(context, config, site, admission.server_round)
-    secure = not is_simulated(context)
+    # a deployed site draws its noise from a CSPRNG, and its SuperNode runs each message in a new ClientApp process
+    deployed = not is_simulated(context)
+    if deployed:  # compiled DP-SGD kernels outlive the process there (torch's cache is in /tmp by default)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(admission.state_dir / "compiled"))
     if config.privacy_unit == "patient" and privacy is not None:
-        update = train_patient_level(model, data, config, privacy, generator, secure_noise=secure)
+        update = train_patient_level(model, data, config, privacy, generator, secure_noise=deployed,
+                                     fresh_process=deployed)
     else:
-        update = train_locally(model, data, config, privacy, generator, secure_noise=secure)
+        update = train_locally(model, data, config, privacy, generator, secure_noise=deployed,
+                               fresh_process=deployed)
     raw_delta = _numpy(update.delta)
     delta, clipped = clip_l2(flatten(raw_delta), config.update_clip_norm)
     records = RecordDict({

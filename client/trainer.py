@@ -18,6 +18,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.fused_dp import ChunkSizes, FusedClipping, choose_engine
 from common.config import RunConfig
 from common.data import SiteData
 from common.privacy import SitePrivacy
@@ -60,7 +61,7 @@ class PoissonSampler:
 
 
 def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: SitePrivacy | None,
-                  generator: torch.Generator, *, secure_noise: bool = False,
+                  generator: torch.Generator, *, secure_noise: bool = False, fresh_process: bool = False,
                   audit: Callable[[DPOptimizer], None] | None = None) -> LocalUpdate:
     """Train `model` (holding the global weights) on the site's data; update `privacy`'s history in place.
 
@@ -68,6 +69,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     composed over every round so far. `generator` drives Poisson sampling and the noise, reproducibly; with
     `secure_noise` both come from a fresh AES-CTR stream instead (deployed sites) and `generator` is unused.
     `audit` sees the round's optimizer before its first step (white-box canaries, client.canaries).
+    `fresh_process`: this process exits after the round (client.fused_dp.choose_engine weighs compiling by it).
     """
     if privacy is None:
         return _train_without_dp(model, data, config, generator)
@@ -77,26 +79,33 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     _check_epochs(config.local_epochs, steps, privacy)
     sampler = PoissonSampler(data.num_train, privacy.sample_rate, steps, uniforms)
     accountant = privacy.accountant()
+    fused = choose_engine(model, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=False,
+                          sizes=ChunkSizes.for_study(config.batch_size, _trainable(model)),
+                          steps=privacy.steps_per_round, fresh_process=fresh_process)
     losses = []
-    with _private(model, "mean") as module:
+    with _private(model, "mean", hooks=fused is None) as module:
         optimizer = _dp_optimizer(model, config, privacy, data.num_train, generator, secure)
+        if fused is not None:
+            fused.attach(optimizer)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
         if audit is not None:
             audit(optimizer)
         for _ in range(config.local_epochs):
-            losses += [_image_step(module, optimizer, data, rows) for rows in sampler]
+            losses += [_image_step(module, optimizer, data, rows, fused) for rows in sampler]
     privacy.record_steps(accountant.state_dict())
     kept = [loss for loss in losses if loss is not None]
     return LocalUpdate(_delta(model, global_weights), data.num_train, sum(kept) / max(len(kept), 1), len(losses))
 
 
 def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, privacy: SitePrivacy,
-                        generator: torch.Generator, *, secure_noise: bool = False) -> LocalUpdate:
+                        generator: torch.Generator, *, secure_noise: bool = False,
+                        fresh_process: bool = False) -> LocalUpdate:
     """Patient-level DP-SGD: Poisson-sample patients, clip each patient's summed gradient, add noise.
 
     Opacus computes per-image gradients (GradSampleModule); we sum them per patient before its DPOptimizer clips
     and noises, so the unit of clipping, sampling and accounting is the patient. The accountant is the same
-    run-long PRV history as at image level, now over patient-sampling steps. `secure_noise` as in train_locally.
+    run-long PRV history as at image level, now over patient-sampling steps. `secure_noise` and `fresh_process` as
+    in train_locally.
     """
     _, images_of = patient_index(data.train_patients)
     _batches_per_epoch(len(images_of), patients_per_batch(config, data), privacy)
@@ -104,11 +113,17 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     uniforms, secure = _randomness(generator, secure_noise)
     sampler = PoissonSampler(len(images_of), privacy.sample_rate, privacy.steps_per_round, uniforms)
     accountant = privacy.accountant()
-    with _private(model, "sum") as module:
+    largest = max((len(images) for images in images_of), default=1)
+    fused = choose_engine(model, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=True,
+                          sizes=ChunkSizes.for_study(config.batch_size, _trainable(model), largest_unit=largest),
+                          steps=privacy.steps_per_round, fresh_process=fresh_process)
+    with _private(model, "sum", hooks=fused is None) as module:
         optimizer = _dp_optimizer(model, config, privacy, len(images_of), generator, secure)
+        if fused is not None:
+            fused.attach(optimizer)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
         for chosen in sampler:
-            _patient_step(module, optimizer, data, [images_of[int(c)] for c in chosen])
+            _patient_step(module, optimizer, data, [images_of[int(c)] for c in chosen], fused)
     privacy.record_steps(accountant.state_dict())
     return LocalUpdate(_delta(model, global_weights), data.num_train, float("nan"), len(sampler))
 
@@ -202,9 +217,19 @@ def _dp_optimizer(model: nn.Module, config: RunConfig, privacy: SitePrivacy, num
 
 
 @contextmanager
-def _private(model: nn.Module, loss_reduction: str) -> Iterator[GradSampleModule]:
-    """`model` with Opacus's per-sample-gradient hooks, removed afterwards (even on error) so it can train again."""
+def _private(model: nn.Module, loss_reduction: str, *, hooks: bool) -> Iterator[nn.Module]:
+    """`model` with Opacus's per-sample-gradient hooks (if `hooks`; the fused path needs none), removed afterwards
+    (even on error) so it can train again."""
     model.train()
+    if not hooks:
+        try:
+            yield model
+        finally:  # as Opacus's to_standard_module: no per-sample state stays on the weights
+            for p in model.parameters():
+                for attribute in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attribute):
+                        delattr(p, attribute)
+        return
     module = GradSampleModule(model, batch_first=True, loss_reduction=loss_reduction)
     try:
         with warnings.catch_warnings():  # Opacus's hooks on the first layer trigger a harmless torch warning
@@ -214,8 +239,8 @@ def _private(model: nn.Module, loss_reduction: str) -> Iterator[GradSampleModule
         module.to_standard_module()
 
 
-def _image_step(module: GradSampleModule, optimizer: DPOptimizer, data: SiteData,
-                rows: torch.Tensor) -> float | None:
+def _image_step(module: nn.Module, optimizer: DPOptimizer, data: SiteData, rows: torch.Tensor,
+                fused: FusedClipping | None) -> float | None:
     """One DP-SGD step on the sampled images; its (non-private, local) loss, or None for a noise-only step."""
     optimizer.zero_grad(set_to_none=True)
     if len(rows) == 0:  # Poisson sampling can draw an empty batch: still a (noise-only) DP step
@@ -223,14 +248,18 @@ def _image_step(module: GradSampleModule, optimizer: DPOptimizer, data: SiteData
         return None
     device = next(module.parameters()).device
     x, y = data.train_x[rows].to(device, non_blocking=True), data.train_y[rows].to(device, non_blocking=True)
+    if fused is not None:  # the optimizer's clip_and_accumulate computes the clipped sum of the staged batch
+        fused.stage(x, y)
+        optimizer.step()
+        return fused.loss
     loss = nn.functional.cross_entropy(module(x), y)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
 
-def _patient_step(module: GradSampleModule, optimizer: DPOptimizer, data: SiteData,
-                  images: list[torch.Tensor]) -> None:
+def _patient_step(module: nn.Module, optimizer: DPOptimizer, data: SiteData, images: list[torch.Tensor],
+                  fused: FusedClipping | None) -> None:
     """One step over the sampled patients' images, each patient's per-image gradients summed into one sample."""
     optimizer.zero_grad(set_to_none=True)
     if not images:
@@ -238,6 +267,11 @@ def _patient_step(module: GradSampleModule, optimizer: DPOptimizer, data: SiteDa
         return
     device = next(module.parameters()).device
     rows = torch.cat(images)
+    if fused is not None:
+        owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor([len(i) for i in images]))
+        fused.stage(data.train_x[rows].to(device), data.train_y[rows].to(device), owner.to(device))
+        optimizer.step()
+        return
     loss = nn.functional.cross_entropy(module(data.train_x[rows].to(device)), data.train_y[rows].to(device),
                                        reduction="sum")
     loss.backward()
@@ -255,6 +289,10 @@ def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> Non
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:

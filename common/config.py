@@ -23,6 +23,7 @@ PYPROJECT = PROJECT_ROOT / "pyproject.toml"
 PARTITIONINGS = ("auto", "iid", "dirichlet", "resample")
 SITE_EVALUATIONS = ("auto", "all", "cohort")
 MODELS = ("cnn", "resnet18")
+DP_SGD_ENGINES = ("auto", "fused", "opacus")  # client.fused_dp: compiled per-sample gradients, or Opacus's hooks
 PRIVACY_UNITS = ("image", "patient")
 
 
@@ -79,6 +80,7 @@ class RunConfig:
     output_dir: str
     run_name: str  # "" : generated from the time and seed
     client_threads: int
+    dp_sgd_engine: str  # how a site computes DP-SGD's clipped sum (same result, different speed): its own choice
     client_num_cpus: float
     client_num_gpus: float
 
@@ -190,6 +192,8 @@ class RunConfig:
             if not 0 < self.target_delta < 1:
                 _fail("target_delta", self.target_delta,
                       "must be in (0, 1), and well below 1/(images per site), e.g. 1e-5")
+        if self.dp_sgd_engine not in DP_SGD_ENGINES:
+            _fail("dp_sgd_engine", self.dp_sgd_engine, f"must be one of {DP_SGD_ENGINES}")
         if self.privacy_unit not in PRIVACY_UNITS:
             _fail("privacy_unit", self.privacy_unit, f"must be one of {PRIVACY_UNITS}")
         if self.partitioning not in PARTITIONINGS:

@@ -5,6 +5,8 @@ Server and clients build the model from the same config, so state-dict keys alwa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -28,17 +30,37 @@ class GroupNormCNN(nn.Module):
         return self.head(self.features(x))
 
 
+@functools.cache  # one class, built on first use: torchvision is imported only for ResNet
+def _residual_block_class() -> type[nn.Module]:
+    from torchvision.models.resnet import BasicBlock
+
+    class ResidualBlock(BasicBlock):
+        """torchvision's BasicBlock without its in-place shortcut add (`out += identity`), which Opacus's backward
+        hooks refuse (the hooked output is a view modified in place). Same submodules, so the same state dict."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + identity)
+
+    return ResidualBlock
+
+
 def resnet18_groupnorm(in_channels: int, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 (random init; no weights are downloaded), made Opacus-valid."""
     from torchvision.models import resnet18
+    from torchvision.models.resnet import BasicBlock
 
     model = resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     model = ModuleValidator.fix(model)  # BatchNorm -> GroupNorm
+    block = _residual_block_class()
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False  # in-place ops break Opacus's backward hooks
+        if type(module) is BasicBlock:
+            module.__class__ = block
     return model
 
 

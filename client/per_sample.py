@@ -1,0 +1,168 @@
+"""Per-sample gradients as pure functions of (weights, images, labels), for client.fused_dp to clip and compile.
+
+Two ways, the same result:
+- `layerwise`: one batched forward and backward, like non-private training, that also returns each layer's input
+  and the gradient at its output (a zero "probe" is added to every layer's output and differentiated). A layer's
+  per-sample weight gradients follow from those two in closed form (a matrix product per sample, the same algebra
+  as Opacus's hooks). Conv weight gradients come from unfold + bmm: under vmap they become grouped convolutions,
+  which made the CNN's DP step 1.4x its plain step on this CPU; here it is as fast as the plain step.
+  Needs a model torch.fx can trace whose every weight lives in a Linear, Conv2d (groups 1, zero padding) or
+  GroupNorm used once per forward; samples must not interact (no BatchNorm), which Opacus's validator ensures.
+- `by_vmap`: vmap(grad) of the per-example loss; any model torch.func can differentiate.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import fx, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+
+class Outer(NamedTuple):
+    """Per-sample gradients of a Linear weight on vector inputs, kept factored: row i is outer(output_grad[i],
+    layer_input[i]). Its norm is |output_grad[i]| |layer_input[i]| and a weighted sum over rows is one matrix
+    product, so the (rows x out x in) tensor is never written (the "ghost norm" of Goodfellow 2015, Li et al. 2022)."""
+
+    output_grad: torch.Tensor
+    layer_input: torch.Tensor
+
+    def rows(self) -> torch.Tensor:
+        return torch.einsum("no,ni->noi", self.output_grad, self.layer_input)
+
+    def squared_norms(self) -> torch.Tensor:
+        return self.output_grad.square().sum(1) * self.layer_input.square().sum(1)
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        return (self.output_grad * weights[:, None]).T @ self.layer_input
+
+
+Tensors = dict[str, torch.Tensor]
+Grads = dict[str, torch.Tensor | Outer]
+PerSample = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], tuple[Grads, torch.Tensor]]
+LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+
+
+class NotLayerwise(Exception):
+    """The model is outside what `layerwise` handles (it then uses `by_vmap`)."""
+
+
+def by_vmap(template: nn.Module) -> PerSample:
+    """(params, buffers, x, y) -> (per-sample gradients by parameter name, per-sample losses)."""
+
+    def example_loss(params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor):
+        loss = F.cross_entropy(functional_call(template, (params, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+        return loss, loss.detach()
+
+    return vmap(grad(example_loss, has_aux=True), in_dims=(None, None, 0, 0))  # type: ignore[return-value]
+
+
+def layerwise(template: nn.Module, image_shape: tuple[int, ...]) -> PerSample:
+    """As `by_vmap`, by one batched backward pass; raises NotLayerwise for models it does not handle."""
+    probed, layers = _probed_graph(template)
+    modules = dict(template.named_modules())
+    shapes = _output_shapes(template, layers, image_shape)
+
+    def per_sample(params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor) -> tuple[Grads, torch.Tensor]:
+        probes = tuple(x.new_zeros((x.shape[0], *shape)) for shape in shapes)
+
+        def summed_loss(probes: tuple[torch.Tensor, ...]):
+            logits, inputs = functional_call(probed, (params, buffers), (x, probes))
+            losses = F.cross_entropy(logits, y, reduction="none")
+            return losses.sum(), (inputs, losses.detach())
+
+        # samples do not interact, so the gradient of the summed loss at a layer's output is, row by row, each
+        # sample's own gradient there
+        output_grads, (inputs, losses) = grad(summed_loss, has_aux=True)(probes)
+        grads: Grads = {}
+        for name, layer_input, output_grad in zip(layers, inputs, output_grads, strict=True):
+            for key, value in _layer_grads(modules[name], layer_input, output_grad).items():
+                grads[f"{name}.{key}"] = value
+        return {name: grads[name] for name in params}, losses
+
+    return per_sample
+
+
+def _probed_graph(template: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    """The model's graph with `probes[i]` added to the output of its i-th layer, returning (logits, layer inputs)."""
+    try:
+        traced = fx.symbolic_trace(template)
+    except Exception as err:  # noqa: BLE001 -- fx raises many kinds on untraceable code; any means "not here"
+        raise NotLayerwise(f"torch.fx cannot trace {type(template).__name__}: {type(err).__name__}") from err
+    modules = dict(traced.named_modules())
+    graph = traced.graph
+    first = next(node for node in graph.nodes if node.op == "placeholder")
+    with graph.inserting_after(first):
+        probes = graph.placeholder("probes")
+    layers: list[str] = []
+    inputs = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], LAYERS):
+            continue
+        _check_layer(modules[node.target], str(node.target), layers)
+        with graph.inserting_after(node):
+            probe = graph.call_function(operator.getitem, (probes, len(layers)))
+        with graph.inserting_after(probe):
+            probed = graph.call_function(operator.add, (node, probe))
+        node.replace_all_uses_with(probed, delete_user_cb=lambda user, probed=probed: user is not probed)
+        layers.append(str(node.target))
+        inputs.append(node.args[0])
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ((output.args[0], tuple(inputs)),)
+    covered = {f"{layer}.{name}" for layer in layers for name, _ in modules[layer].named_parameters()}
+    uncovered = sorted(name for name, p in template.named_parameters() if p.requires_grad and name not in covered)
+    if uncovered:
+        raise NotLayerwise(f"weights outside Linear, Conv2d and GroupNorm layers: {', '.join(uncovered[:3])}")
+    graph.lint()
+    traced.recompile()
+    return traced, layers
+
+
+def _check_layer(module: nn.Module, name: str, seen: list[str]) -> None:
+    if name in seen:
+        raise NotLayerwise(f"layer {name} is used more than once per forward pass")
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                          or isinstance(module.padding, str)):
+        raise NotLayerwise(f"convolution {name} has groups, non-zero or named padding")
+
+
+def _output_shapes(template: nn.Module, layers: list[str], image_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Each layer's output shape for one image, from one forward pass on zeros (outside any compiled graph)."""
+    modules = dict(template.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [modules[name].register_forward_hook(
+        lambda module, args, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))) for name in layers]
+    try:
+        with torch.no_grad():
+            template(torch.zeros((1, *image_shape), device=next(template.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [shapes[name] for name in layers]
+
+
+def _layer_grads(module: nn.Module, layer_input: torch.Tensor, output_grad: torch.Tensor) -> Grads:
+    """Per-sample gradients of one layer's weights from its input and the gradient at its output."""
+    grads: Grads
+    if isinstance(module, nn.Linear) and layer_input.dim() == 2:
+        grads = {"weight": Outer(output_grad, layer_input)}
+        bias = output_grad
+    elif isinstance(module, nn.Linear):
+        grads = {"weight": torch.einsum("n...o,n...i->noi", output_grad, layer_input)}
+        bias = output_grad.flatten(1, -2).sum(1) if output_grad.dim() > 2 else output_grad
+    elif isinstance(module, nn.Conv2d):
+        columns = F.unfold(layer_input, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)
+        weight = torch.bmm(output_grad.flatten(2), columns.transpose(1, 2))
+        grads = {"weight": weight.view(len(weight), *module.weight.shape)}
+        bias = output_grad.flatten(2).sum(2)
+    else:  # GroupNorm: output = normalised input * weight + bias, per channel
+        normalised = F.group_norm(layer_input, module.num_groups, eps=module.eps)
+        grads = {"weight": (output_grad * normalised).flatten(2).sum(2)}
+        bias = output_grad.flatten(2).sum(2)
+    grads["bias"] = bias
+    return {key: value for key, value in grads.items() if getattr(module, key, None) is not None}
