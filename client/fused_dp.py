@@ -27,12 +27,11 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from client.per_sample import NotLayerwise, Outer, PerSample, by_vmap, layerwise
+from client.per_sample import Factored, NotLayerwise, PerSample, by_vmap, layerwise
 from common.errors import CareFedError
 
 LOG = logging.getLogger(__name__)
 
-CPU_FUSED_MAX_PARAMETERS = 2_000_000
 COMPILE_PAYS_STEPS = 250  # ~3 s of cached compilation / ~14 ms saved per CNN step of 64 on one CPU thread
 PER_SAMPLE_BYTES = 1 << 30
 OPACUS_CLIP_EPSILON = 1e-6  # Opacus's clip factor is C / (norm + 1e-6), capped at 1: the same here, exactly
@@ -203,16 +202,16 @@ def _clipped_sum_function(per_sample: PerSample, patients: bool) -> Callable:
     return clipped_sum
 
 
-def _rows(grads: torch.Tensor | Outer) -> torch.Tensor:
-    return grads.rows() if isinstance(grads, Outer) else grads
+def _rows(grads: torch.Tensor | Factored) -> torch.Tensor:
+    return grads.rows() if isinstance(grads, Factored) else grads
 
 
-def _squared_norms(grads: torch.Tensor | Outer) -> torch.Tensor:
-    return grads.squared_norms() if isinstance(grads, Outer) else grads.flatten(1).square().sum(1)
+def _squared_norms(grads: torch.Tensor | Factored) -> torch.Tensor:
+    return grads.squared_norms() if isinstance(grads, Factored) else grads.flatten(1).square().sum(1)
 
 
-def _weighted_sum(grads: torch.Tensor | Outer, weights: torch.Tensor) -> torch.Tensor:
-    return grads.weighted_sum(weights) if isinstance(grads, Outer) else torch.einsum("i,i...", weights, grads)
+def _weighted_sum(grads: torch.Tensor | Factored, weights: torch.Tensor) -> torch.Tensor:
+    return grads.weighted_sum(weights) if isinstance(grads, Factored) else torch.einsum("i,i...", weights, grads)
 
 
 _CHOSEN: dict[tuple, str] = {}  # what each architecture got in this process, so the choice is probed and logged once
@@ -224,7 +223,7 @@ def choose_engine(model: nn.Module, engine: str, *, image_shape: tuple[int, ...]
     "fused" (compiled, or an error) or "auto": compiled fused where it pays and compiles, else Opacus's hooks.
     `fresh_process`: this process trains `steps` steps and exits (a deployed SuperNode starts a ClientApp process
     per message), so compiling pays only for long rounds. Probed and logged once per model and shape in a process."""
-    if engine == "opacus" or (engine == "auto" and not _fused_pays(model, steps, fresh_process)):
+    if engine == "opacus" or (engine == "auto" and not _fused_pays(steps, fresh_process)):
         return None
     key = (type(model).__name__, tuple(p.shape for p in model.parameters()), image_shape, sizes, patients)
     chosen = _CHOSEN.get(key)
@@ -237,15 +236,11 @@ def choose_engine(model: nn.Module, engine: str, *, image_shape: tuple[int, ...]
     return FusedClipping(model, image_shape, sizes, patients=patients, compiled=True)
 
 
-def _fused_pays(model: nn.Module, steps: int, fresh_process: bool) -> bool:
-    """Compiling costs seconds per process (cached on disk: 1-2 s per chunk shape; the first time on a machine,
-    about 12 s): in a process that trains once, only a long round earns that back. Then, on a GPU, always; on a
-    CPU only for small models: every per-sample gradient is written out, and at ResNet-18's 11M parameters that
-    memory traffic costs more than Opacus's hooks (simulations/benchmarks/dp_epoch.py --models resnet18)."""
-    if fresh_process and steps < COMPILE_PAYS_STEPS:
-        return False
-    device = next(model.parameters()).device
-    return device.type != "cpu" or sum(p.numel() for p in model.parameters()) <= CPU_FUSED_MAX_PARAMETERS
+def _fused_pays(steps: int, fresh_process: bool) -> bool:
+    """Compiling costs seconds per process (cached on disk: 1-2 s per chunk shape for the CNN; the first time on a
+    machine about 12 s, a minute for ResNet-18): a process that trains once earns that back only in a long round.
+    A long-lived one (a simulation's Ray worker trains many sites and rounds) always does."""
+    return not fresh_process or steps >= COMPILE_PAYS_STEPS
 
 
 def _probe(model: nn.Module, engine: str, image_shape: tuple[int, ...], sizes: ChunkSizes, patients: bool) -> str:

@@ -4,8 +4,9 @@ Two ways, the same result:
 - `layerwise`: one batched forward and backward, like non-private training, that also returns each layer's input
   and the gradient at its output (a zero "probe" is added to every layer's output and differentiated). A layer's
   per-sample weight gradients follow from those two in closed form (a matrix product per sample, the same algebra
-  as Opacus's hooks). Conv weight gradients come from unfold + bmm: under vmap they become grouped convolutions,
-  which made the CNN's DP step 1.4x its plain step on this CPU; here it is as fast as the plain step.
+  as Opacus's hooks), or stay factored where their norms and sums are cheaper that way (`Factored`). Conv weight
+  gradients come from unfold + bmm: under vmap they become grouped convolutions, which made the CNN's DP step 1.4x
+  its plain step on this CPU; here a chunk costs what a plain step does.
   Needs a model torch.fx can trace whose every weight lives in a Linear, Conv2d (groups 1, zero padding) or
   GroupNorm used once per forward; samples must not interact (no BatchNorm), which Opacus's validator ensures.
 - `by_vmap`: vmap(grad) of the per-example loss; any model torch.func can differentiate.
@@ -23,26 +24,40 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 
-class Outer(NamedTuple):
-    """Per-sample gradients of a Linear weight on vector inputs, kept factored: row i is outer(output_grad[i],
-    layer_input[i]). Its norm is |output_grad[i]| |layer_input[i]| and a weighted sum over rows is one matrix
-    product, so the (rows x out x in) tensor is never written (the "ghost norm" of Goodfellow 2015, Li et al. 2022)."""
+class Factored(NamedTuple):
+    """Per-sample weight gradients kept as factors: sample n's gradient is output_grad[n] @ layer_input[n].T (over L
+    positions: 1 for a Linear on vectors, the output pixels for a convolution's unfolded input). Its squared norm
+    is sum((G^T G) * (U^T U)) over L x L (the "ghost norm", Goodfellow 2015; Li et al. 2022) and a weighted sum over
+    samples is one matrix product, so the (samples x out x in) tensor is never written. Used where 2 L^2 < out x in
+    (mixed ghost clipping, Bu et al. 2022): every Linear on vectors, and ResNet's deeper convolutions."""
 
-    output_grad: torch.Tensor
-    layer_input: torch.Tensor
+    output_grad: torch.Tensor  # (n, out, L)
+    layer_input: torch.Tensor  # (n, in, L)
+    shape: tuple[int, ...]  # the weight's shape
 
     def rows(self) -> torch.Tensor:
-        return torch.einsum("no,ni->noi", self.output_grad, self.layer_input)
+        return torch.bmm(self.output_grad, self.layer_input.transpose(1, 2)).view(-1, *self.shape)
 
     def squared_norms(self) -> torch.Tensor:
-        return self.output_grad.square().sum(1) * self.layer_input.square().sum(1)
+        grads = torch.bmm(self.output_grad.transpose(1, 2), self.output_grad)
+        inputs = torch.bmm(self.layer_input.transpose(1, 2), self.layer_input)
+        return (grads * inputs).sum((1, 2))
 
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        return (self.output_grad * weights[:, None]).T @ self.layer_input
+        n, out, positions = self.output_grad.shape
+        grads = (self.output_grad * weights[:, None, None]).transpose(0, 1).reshape(out, n * positions)
+        return (grads @ self.layer_input.transpose(1, 2).reshape(n * positions, -1)).view(self.shape)
+
+
+def _factored_or_rows(output_grad: torch.Tensor, layer_input: torch.Tensor,
+                      shape: tuple[int, ...]) -> torch.Tensor | Factored:
+    factored = Factored(output_grad, layer_input, shape)
+    positions = output_grad.shape[2]
+    return factored if 2 * positions * positions < output_grad.shape[1] * layer_input.shape[1] else factored.rows()
 
 
 Tensors = dict[str, torch.Tensor]
-Grads = dict[str, torch.Tensor | Outer]
+Grads = dict[str, torch.Tensor | Factored]
 PerSample = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], tuple[Grads, torch.Tensor]]
 LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
@@ -148,17 +163,15 @@ def _output_shapes(template: nn.Module, layers: list[str], image_shape: tuple[in
 def _layer_grads(module: nn.Module, layer_input: torch.Tensor, output_grad: torch.Tensor) -> Grads:
     """Per-sample gradients of one layer's weights from its input and the gradient at its output."""
     grads: Grads
-    if isinstance(module, nn.Linear) and layer_input.dim() == 2:
-        grads = {"weight": Outer(output_grad, layer_input)}
-        bias = output_grad
-    elif isinstance(module, nn.Linear):
-        grads = {"weight": torch.einsum("n...o,n...i->noi", output_grad, layer_input)}
-        bias = output_grad.flatten(1, -2).sum(1) if output_grad.dim() > 2 else output_grad
+    if isinstance(module, nn.Linear):  # on (n, in) or (n, ..., in): positions are the middle dimensions
+        inputs, outputs = layer_input.reshape(len(layer_input), -1, module.in_features), output_grad.reshape(
+            len(output_grad), -1, module.out_features)
+        grads = {"weight": _factored_or_rows(outputs.transpose(1, 2), inputs.transpose(1, 2), module.weight.shape)}
+        bias = outputs.sum(1)
     elif isinstance(module, nn.Conv2d):
         columns = F.unfold(layer_input, module.kernel_size, dilation=module.dilation, padding=module.padding,
                            stride=module.stride)
-        weight = torch.bmm(output_grad.flatten(2), columns.transpose(1, 2))
-        grads = {"weight": weight.view(len(weight), *module.weight.shape)}
+        grads = {"weight": _factored_or_rows(output_grad.flatten(2), columns, module.weight.shape)}
         bias = output_grad.flatten(2).sum(2)
     else:  # GroupNorm: output = normalised input * weight + bias, per channel
         normalised = F.group_norm(layer_input, module.num_groups, eps=module.eps)

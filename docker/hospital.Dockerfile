@@ -4,6 +4,9 @@
 FROM flwr/supernode:1.42.0
 
 USER root
+# A C++ compiler lets torch.compile build the fused DP-SGD kernels (client/fused_dp.py); without one a site falls
+# back to Opacus's hooks, and says so in its log. The default image is Ubuntu-based.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 WORKDIR /app/carefed
 COPY pyproject.toml README.md ./
 COPY common ./common

@@ -8,7 +8,8 @@ slow on a CPU) with the same expected batch size:
   - no-dp-compiled plain SGD, the model compiled with torch.compile
   - opacus         DP-SGD with Opacus's per-sample-gradient hooks (CareFed's previous path)
   - fused          DP-SGD through client.fused_dp: vmap(grad) + clip + sum, compiled, in fixed-size chunks
-The arms alternate within each repeat so drift on a shared machine hits all of them. The first epoch of each arm
+The arms run in a new random order in each repeat, so drift on a shared machine, and whatever one arm leaves
+behind for the next, hits all of them. The first epoch of each arm
 is a warm-up, reported on its own (it holds the compilation); the result is the median of the others.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import random
 import statistics
 import time
 
@@ -59,16 +61,19 @@ def measure(model_name: str, images: int, repeats: int, batch_size: int) -> dict
                                    train_patients=data.train_patients[:images])
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    order = random.Random(0)
     for repeat in range(repeats + 1):
-        for arm in ARMS:
+        for arm in order.sample(ARMS, len(ARMS)):  # a new order each repeat: no arm always follows another
             seconds = epoch_seconds(model_name, arm, data, batch_size, repeat)
             (times[arm].append(seconds) if repeat else first.__setitem__(arm, seconds))
     median = {arm: statistics.median(times[arm]) for arm in ARMS}
+    paired = {arm: sorted(t / p for t, p in zip(times[arm], times["no-dp"], strict=True)) for arm in ARMS}
     return {
         "model": model_name, "images": data.num_train, "batch_size": batch_size, "repeats": repeats,
         "median_seconds": {arm: round(median[arm], 4) for arm in ARMS},
         "first_epoch_seconds": {arm: round(first[arm], 3) for arm in ARMS},
         "ratio_over_no_dp": {arm: round(median[arm] / median["no-dp"], 3) for arm in ARMS},
+        "ratio_range_within_repeats": {arm: [round(paired[arm][0], 3), round(paired[arm][-1], 3)] for arm in ARMS},
         "fused_over_opacus": round(median["fused"] / median["opacus"], 3),
     }
 
@@ -96,8 +101,9 @@ def main() -> None:
         print(f"{r['model']}, {r['images']} images, batch {r['batch_size']}, {args.threads} thread(s), "
               f"median of {r['repeats']} (first epoch, with compilation, in brackets):")
         for arm in ARMS:
+            low, high = r["ratio_range_within_repeats"][arm]
             print(f"  {arm:15s} {r['median_seconds'][arm]:8.3f} s  ({r['first_epoch_seconds'][arm]:.2f} s)  "
-                  f"{r['ratio_over_no_dp'][arm]:.2f}x non-private")
+                  f"{r['ratio_over_no_dp'][arm]:.2f}x non-private (per repeat {low:.2f}-{high:.2f}x)")
 
 
 if __name__ == "__main__":
