@@ -87,6 +87,9 @@ class FusedClipping:
                  compiled: bool) -> None:
         self.model, self.image_shape, self.sizes, self.patients = model, image_shape, sizes, patients
         self._function, self.how = _fused_function(model, image_shape, patients, compiled)
+        # views of the weights: the optimizer updates them in place, so these stay current
+        self._params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        self._buffers = dict(model.named_buffers())
         self._pending: _Pending | None = None
         self.loss: float | None = None  # the last batch's mean per-example loss (local, never released)
 
@@ -118,13 +121,11 @@ class FusedClipping:
 
     def clipped_sum(self, batch: _Pending, max_grad_norm: float) -> dict[str, torch.Tensor]:
         """Sum over chunks of the clipped per-sample (or per-patient) gradients; sets `loss`."""
-        params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-        buffers = dict(self.model.named_buffers())
         bound = torch.tensor(float(max_grad_norm), device=batch.x.device)
         total: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=batch.x.device)
         for x, y, owner, units, rows in self._chunks(batch):
-            sums, losses = self._function(params, buffers, x, y, owner, units, bound)
+            sums, losses = self._function(self._params, self._buffers, x, y, owner, units, bound)
             loss_sum += (losses * rows).sum()
             for name, value in sums.items():
                 total[name] = value if name not in total else total[name] + value
@@ -137,9 +138,10 @@ class FusedClipping:
                   else _patient_chunks(batch.owner, self.sizes.large))
         for start, stop, size, *patients in chunks:
             used = stop - start
-            x = batch.x.new_zeros((size, *batch.x.shape[1:]))
-            y = batch.y.new_zeros(size)
-            x[:used], y[:used] = batch.x[start:stop], batch.y[start:stop]
+            x, y = batch.x[start:stop], batch.y[start:stop]
+            if used < size:
+                x = torch.cat([x, x.new_zeros((size - used, *x.shape[1:]))])
+                y = torch.cat([y, y.new_zeros(size - used)])
             rows = torch.zeros(size, device=x.device)
             rows[:used] = 1.0
             if batch.owner is None:

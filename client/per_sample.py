@@ -99,7 +99,26 @@ def layerwise(template: nn.Module, image_shape: tuple[int, ...]) -> PerSample:
                 grads[f"{name}.{key}"] = value
         return {name: grads[name] for name in params}, losses
 
+    _check_samples_independent(per_sample, template, image_shape)
     return per_sample
+
+
+def _check_samples_independent(per_sample: PerSample, template: nn.Module, image_shape: tuple[int, ...]) -> None:
+    """Each sample's gradient must not depend on the others in its batch (the algebra above assumes it, and so does
+    DP-SGD's sensitivity): two random images together give what each gives alone, or NotLayerwise."""
+    device = next(template.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *image_shape), generator=generator).to(device)
+    y = torch.zeros(2, dtype=torch.long, device=device)
+    params = {n: p.detach() for n, p in template.named_parameters() if p.requires_grad}
+    buffers = dict(template.named_buffers())
+    together, _ = per_sample(params, buffers, x, y)
+    alone = [per_sample(params, buffers, x[i:i + 1], y[i:i + 1])[0] for i in range(2)]
+    for name, value in together.items():
+        rows = value.rows() if isinstance(value, Factored) else value
+        each = torch.cat([a[name].rows() if isinstance(a[name], Factored) else a[name] for a in alone])
+        if not torch.allclose(rows, each, rtol=1e-3, atol=1e-5):
+            raise NotLayerwise(f"samples in a batch interact (the gradient of {name} depends on the others)")
 
 
 def _probed_graph(template: nn.Module) -> tuple[fx.GraphModule, list[str]]:
@@ -124,6 +143,8 @@ def _probed_graph(template: nn.Module) -> tuple[fx.GraphModule, list[str]]:
         with graph.inserting_after(probe):
             probed = graph.call_function(operator.add, (node, probe))
         node.replace_all_uses_with(probed, delete_user_cb=lambda user, probed=probed: user is not probed)
+        if not node.args:
+            raise NotLayerwise(f"layer {node.target} is called without a positional input")
         layers.append(str(node.target))
         inputs.append(node.args[0])
     output = next(node for node in graph.nodes if node.op == "output")

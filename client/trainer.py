@@ -102,10 +102,10 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
                         fresh_process: bool = False) -> LocalUpdate:
     """Patient-level DP-SGD: Poisson-sample patients, clip each patient's summed gradient, add noise.
 
-    Opacus computes per-image gradients (GradSampleModule); we sum them per patient before its DPOptimizer clips
-    and noises, so the unit of clipping, sampling and accounting is the patient. The accountant is the same
-    run-long PRV history as at image level, now over patient-sampling steps. `secure_noise` and `fresh_process` as
-    in train_locally.
+    Per-image gradients (client.fused_dp, or Opacus's GradSampleModule) are summed per patient before clipping,
+    and Opacus's DPOptimizer noises the sum, so the unit of clipping, sampling and accounting is the patient. The
+    accountant is the same run-long PRV history as at image level, now over patient-sampling steps.
+    `secure_noise` and `fresh_process` as in train_locally.
     """
     _, images_of = patient_index(data.train_patients)
     _batches_per_epoch(len(images_of), patients_per_batch(config, data), privacy)

@@ -24,6 +24,7 @@ PARTITIONINGS = ("auto", "iid", "dirichlet", "resample")
 SITE_EVALUATIONS = ("auto", "all", "cohort")
 MODELS = ("cnn", "resnet18")
 DP_SGD_ENGINES = ("auto", "fused", "opacus")  # client.fused_dp: compiled per-sample gradients, or Opacus's hooks
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")  # server.aggregation.ServerOptimizer
 PRIVACY_UNITS = ("image", "patient")
 
 
@@ -63,6 +64,9 @@ class RunConfig:
     site_shift: float  # strength of the per-site scanner shift; 0 disables it
     local_test_fraction: float
     update_clip_norm: float  # L2 bound on a site's model delta (post-processing; makes secure aggregation exact)
+    server_optimizer: str  # the server's step on the mean update: fedavg, fedavgm or fedadam (post-processing)
+    server_learning_rate: float
+    server_momentum: float  # FedAvgM's momentum; FedAdam's beta1
     secagg: bool  # secure aggregation (the server learns only the sum); off only for comparison
     secagg_dropout_rate: float  # tolerated fraction of a neighbourhood dropping after advertising keys
     secagg_colluding: int  # clients assumed to collude with the server (raises the threshold)
@@ -192,6 +196,12 @@ class RunConfig:
             if not 0 < self.target_delta < 1:
                 _fail("target_delta", self.target_delta,
                       "must be in (0, 1), and well below 1/(images per site), e.g. 1e-5")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            _fail("server_optimizer", self.server_optimizer, f"must be one of {SERVER_OPTIMIZERS}")
+        if not (self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate)):
+            _fail("server_learning_rate", self.server_learning_rate, "must be a positive number")
+        if not 0 <= self.server_momentum < 1:
+            _fail("server_momentum", self.server_momentum, "must be in [0, 1)")
         if self.dp_sgd_engine not in DP_SGD_ENGINES:
             _fail("dp_sgd_engine", self.dp_sgd_engine, f"must be one of {DP_SGD_ENGINES}")
         if self.privacy_unit not in PRIVACY_UNITS:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.config import SERVER_OPTIMIZERS
 from common.update_codec import flatten, unflatten
 
 Weights = dict[str, np.ndarray]
@@ -66,3 +67,32 @@ def apply_mean_delta(weights: Mapping[str, np.ndarray], mean_delta: np.ndarray) 
     """weights + mean delta, key by key, keeping each array's dtype."""
     flat = flatten(weights) + mean_delta
     return unflatten(flat, weights)
+
+
+@dataclass
+class ServerOptimizer:
+    """The server's step on the round's mean update (Reddi et al. 2021, "Adaptive Federated Optimization"): FedAvg
+    adds it, FedAvgM adds a momentum of it, FedAdam an Adam step of it. It sees only the secure sum's mean, a
+    function of what the sites released under DP: post-processing, so no site's epsilon changes."""
+
+    kind: str = "fedavg"
+    learning_rate: float = 1.0
+    momentum: float = 0.0  # FedAvgM's beta; FedAdam's beta1
+    second_moment: float = 0.99  # FedAdam's beta2
+    adaptivity: float = 1e-3  # FedAdam's tau: larger is closer to FedAvgM
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def step(self, weights: Mapping[str, np.ndarray], mean_delta: np.ndarray) -> Weights:
+        delta = np.asarray(mean_delta, dtype=np.float64)
+        if self.kind == "fedavg":
+            update = delta
+        elif self.kind == "fedavgm":
+            update = self.state["velocity"] = self.momentum * self.state.get("velocity", 0.0) + delta
+        elif self.kind == "fedadam":
+            first = self.state["first"] = self.momentum * self.state.get("first", 0.0) + (1 - self.momentum) * delta
+            second = self.state["second"] = (self.second_moment * self.state.get("second", 0.0)
+                                             + (1 - self.second_moment) * delta**2)
+            update = first / (np.sqrt(second) + self.adaptivity)
+        else:
+            raise ValueError(f"unknown server optimizer {self.kind!r}; use one of {SERVER_OPTIMIZERS}")
+        return apply_mean_delta(weights, self.learning_rate * update)

@@ -128,14 +128,18 @@ class RunFolder:
         if self.ledger is not None and report["status"] == "trained":
             self.ledger.append(ledger_entry_from_report(self.config, site, report))
 
-    def checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self._save_model(self.path / "checkpoints" / f"round-{server_round:04d}.pt", server_round, state_dict)
+    def checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor],
+                   server_optimizer: Mapping[str, np.ndarray] | None = None) -> None:
+        """The global model after `server_round`, with the server optimizer's state (momenta) to resume from."""
+        self._save_model(self.path / "checkpoints" / f"round-{server_round:04d}.pt", server_round, state_dict,
+                         {"server_optimizer": dict(server_optimizer or {})})
 
-    def _save_model(self, path: Path, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def _save_model(self, path: Path, server_round: int, state_dict: Mapping[str, torch.Tensor],
+                    extra: Mapping[str, object] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
             torch.save({"round": server_round, "config": self.config.to_mapping(),
-                        "state_dict": dict(state_dict)}, tmp)
+                        "state_dict": dict(state_dict), **(extra or {})}, tmp)
         os.replace(tmp.name, path)
 
     def finish(self, server_round: int, state_dict: Mapping[str, torch.Tensor], stop_reason: str) -> None:

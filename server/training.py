@@ -27,7 +27,7 @@ from common.secagg.identity import IdentityVerifier, enrol_virtual_sites
 from common.secagg.protocol import graph_for_cohort
 from common.study import SiteRequest
 from common.update_codec import flatten
-from server.aggregation import DeltaSum, apply_mean_delta
+from server.aggregation import DeltaSum, ServerOptimizer
 from server.run_folder import RunFolder, with_run_name
 from server.secagg_round import SecAggRound
 
@@ -85,6 +85,8 @@ class FederatedTraining:
         self.node_site: dict[int, int] = {}
         self.folder = RunFolder.create(config)
         self.identity_verifier = self._identities()
+        self.server_optimizer = ServerOptimizer(config.server_optimizer, config.server_learning_rate,
+                                                config.server_momentum)
 
     def _identities(self) -> IdentityVerifier | None:
         """Simulation: enrol every virtual site with a per-run study CA (its key is thrown away), so the signed path
@@ -127,13 +129,13 @@ class FederatedTraining:
             outcome = self._train(server_round, cohort)
             if outcome.total.contributors:
                 weights = {k: v.numpy() for k, v in self.model.state_dict().items()}
-                new_weights = apply_mean_delta(weights, outcome.total.mean())
+                new_weights = self.server_optimizer.step(weights, outcome.total.mean())
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
             else:
                 log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
             site_metrics = self._evaluate_sites(nodes if self.config.evaluates_all_sites else cohort, server_round)
             self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started, cohort=cohort)
-            self.folder.checkpoint(server_round, self.model.state_dict())
+            self.folder.checkpoint(server_round, self.model.state_dict(), self.server_optimizer.state)
         return self.config.num_server_rounds, "all rounds done"
 
     def _wait_for_nodes(self) -> list[int]:

@@ -212,6 +212,8 @@ class LoopbackDeployment:
         for child in list(self._descendants):
             with contextlib.suppress(psutil.Error):
                 child.kill()
+        # SIGKILL is not instant: wait until they are gone (or zombies), so a check right after sees none alive
+        psutil.wait_procs(list(self._descendants), timeout=10)
 
     def leftover_processes(self) -> list[str]:
         """Processes this deployment started (or they started) that are still alive; zombies excluded."""

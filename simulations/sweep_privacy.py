@@ -1,6 +1,7 @@
 """Privacy-utility sweep: the default study without DP and at target epsilon 1, 3 and 8 (delta 1e-5).
 
     python -m simulations.sweep_privacy [--epsilons 1 3 8] [--output runs/sweep] [--scenario FILE]
+                                        [--run-config "server-optimizer='fedavgm' server-momentum=0.5"]
 
 Every arm runs through Flower's simulation engine with the same data, partition, model init and rounds; only
 the privacy setting changes. Prints a Markdown table (the one in the README) and writes sweep.json.
@@ -28,14 +29,20 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--output", type=Path, default=Path("runs") / f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}")
     parser.add_argument("--scenario", type=Path, default=None)
+    parser.add_argument("--run-config", action="append", default=[],
+                        help="run-config overrides for every arm, as `flwr run --run-config` takes them")
     args = parser.parse_args()
+    from flwr.common.config import parse_config_args
+
+    common = dict(parse_config_args(args.run_config))
 
     arms: list[tuple[str, dict]] = [("no DP", {"dp": False})]
     arms += [(f"epsilon {eps:g}", {"dp": True, "target-epsilon": eps}) for eps in args.epsilons]
     rows = []
     for name, overrides in arms:
         run_name = name.replace(" ", "-")
-        config = resolve(args.scenario, {**overrides, "output-dir": str(args.output), "run-name": run_name})
+        config = resolve(args.scenario, {**common, **overrides, "output-dir": str(args.output),
+                                         "run-name": run_name})
         validate_inputs(config)
         started = time.perf_counter()
         run_dir = run_simulation(config)

@@ -35,7 +35,8 @@ from common.privacy import SitePrivacy
 ARMS = ("no-dp", "no-dp-compiled", "opacus", "fused")
 
 
-def epoch_seconds(model_name: str, arm: str, data, batch_size: int, seed: int) -> float:  # noqa: ANN001
+def epoch_seconds(model_name: str, arm: str, data, batch_size: int, seed: int,  # noqa: ANN001
+                  device: str = "cpu") -> float:
     config = resolve(overrides={"num-sites": 1, "batch-size": batch_size, "local-epochs": 1, "model": model_name,
                                 "num-server-rounds": 1, "dp": not arm.startswith("no-dp"),
                                 "dp-sgd-engine": arm if arm in ("opacus", "fused") else "auto"})
@@ -45,7 +46,7 @@ def epoch_seconds(model_name: str, arm: str, data, batch_size: int, seed: int) -
                                         batch_size=batch_size, local_epochs=1, planned_rounds=1, max_grad_norm=1.0)
     torch.manual_seed(seed)
     model = build_model(model_name, in_channels=data.train_x.shape[1], num_classes=10,
-                        image_size=data.train_x.shape[-1])
+                        image_size=data.train_x.shape[-1]).to(device)  # noise is drawn on the model's device
     if arm == "no-dp-compiled":
         model.compile()  # in place: the same state-dict keys
     start = time.perf_counter()
@@ -53,7 +54,7 @@ def epoch_seconds(model_name: str, arm: str, data, batch_size: int, seed: int) -
     return time.perf_counter() - start
 
 
-def measure(model_name: str, images: int, repeats: int, batch_size: int) -> dict:
+def measure(model_name: str, images: int, repeats: int, batch_size: int, device: str) -> dict:
     config = resolve(overrides={"num-sites": 1, "model": model_name})
     data = load_site_data(config, 0)
     if images < data.num_train:
@@ -64,7 +65,7 @@ def measure(model_name: str, images: int, repeats: int, batch_size: int) -> dict
     order = random.Random(0)
     for repeat in range(repeats + 1):
         for arm in order.sample(ARMS, len(ARMS)):  # a new order each repeat: no arm always follows another
-            seconds = epoch_seconds(model_name, arm, data, batch_size, repeat)
+            seconds = epoch_seconds(model_name, arm, data, batch_size, repeat, device)
             (times[arm].append(seconds) if repeat else first.__setitem__(arm, seconds))
     median = {arm: statistics.median(times[arm]) for arm in ARMS}
     paired = {arm: sorted(t / p for t, p in zip(times[arm], times["no-dp"], strict=True)) for arm in ARMS}
@@ -85,14 +86,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resnet-images", type=int, default=256, help="ResNet-18's subset (a CPU epoch is slow)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     tidy_logging()
     torch.set_num_threads(args.threads)
-    results = [measure(m, args.resnet_images if m == "resnet18" else 10**9, args.repeats, args.batch_size)
-               for m in args.models]
+    results = [measure(m, args.resnet_images if m == "resnet18" else 10**9, args.repeats, args.batch_size,
+                       args.device) for m in args.models]
     report = {"benchmark": "one local epoch: DP-SGD (Opacus hooks, CareFed fused) vs non-private SGD",
-              "threads": args.threads, "device": "cpu", "machine": platform.processor() or platform.machine(),
+              "threads": args.threads, "device": args.device, "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "results": results}
     if args.json:
         print(json.dumps(report, indent=2))

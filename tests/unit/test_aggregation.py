@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from common.update_codec import clip_l2, flatten, unflatten
-from server.aggregation import DeltaSum, apply_mean_delta
+from server.aggregation import DeltaSum, ServerOptimizer, apply_mean_delta
 
 
 def test_mean_is_weighted_by_examples():
@@ -40,3 +40,22 @@ def test_bad_updates_are_refused():
         total.add(np.zeros(3), 1, clipped=False)
     with pytest.raises(ValueError, match="no updates"):
         DeltaSum().mean()
+
+
+def test_the_server_optimizers_take_their_published_steps():
+    weights = {"w": np.zeros(3, dtype=np.float32)}
+    first, second = np.array([1.0, -2.0, 0.5]), np.array([0.5, 0.5, -1.0])
+    fedavg = ServerOptimizer("fedavg", learning_rate=1.0)
+    np.testing.assert_allclose(fedavg.step(weights, first)["w"], apply_mean_delta(weights, first)["w"])
+
+    momentum = ServerOptimizer("fedavgm", learning_rate=0.5, momentum=0.9)
+    after_one = momentum.step(weights, first)
+    after_two = momentum.step(after_one, second)
+    np.testing.assert_allclose(after_two["w"], 0.5 * first + 0.5 * (0.9 * first + second), rtol=1e-6)
+
+    adam = ServerOptimizer("fedadam", learning_rate=0.1, momentum=0.9, second_moment=0.99, adaptivity=1e-3)
+    step = adam.step(weights, first)["w"]
+    np.testing.assert_allclose(step, 0.1 * 0.1 * first / (np.sqrt(0.01 * first**2) + 1e-3), rtol=1e-6)
+    assert set(adam.state) == {"first", "second"}  # what a checkpoint keeps to resume from
+    with pytest.raises(ValueError, match="unknown server optimizer"):
+        ServerOptimizer("sgd").step(weights, first)

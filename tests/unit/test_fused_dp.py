@@ -131,6 +131,26 @@ def test_a_model_outside_the_layerwise_algebra_gets_vmap_with_the_same_gradients
     assert fused.how.startswith("vmap")
 
 
+class _Mixing(nn.Module):
+    """Subtracts the batch mean: each sample's output depends on the others (as BatchNorm's would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out - out.mean(0, keepdim=True)
+
+
+def test_a_model_that_mixes_samples_never_gets_the_layerwise_algebra():
+    torch.manual_seed(0)
+    with pytest.raises(NotLayerwise, match="interact"):
+        layerwise(_Mixing(), (1, 4, 4))
+    fused = FusedClipping(_Mixing(), (1, 4, 4), ChunkSizes(8, 8), patients=False, compiled=False)
+    assert fused.how.startswith("vmap")  # vmap differentiates each sample alone
+
+
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 50, 63, 64, 65, 79, 130])
 @pytest.mark.parametrize("clip", [0.05, 1e3])
 def test_the_compiled_clipped_sum_is_opacus_clip_and_accumulate(rows: int, clip: float):
