@@ -114,7 +114,8 @@ def simulate(
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Non-private baseline (no clipping, no noise).")] = False,
     no_secagg: Annotated[bool, typer.Option(
         "--no-secagg", help="Send plain updates (for comparison only: the server then sees each update).")] = False,
-    data: Annotated[str | None, typer.Option(help="'embedded' or a MedMNIST-layout .npz file.")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="'embedded', 'fashion-mnist' (Debian's dataset-fashion-mnist) or a MedMNIST-layout .npz file.")] = None,
     partitioning: Annotated[Partitioning | None, typer.Option(help="How images are split across sites.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha (smaller: more label skew).")] = None,
     model: Annotated[Model | None, typer.Option(help="Model architecture.")] = None,

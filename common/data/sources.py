@@ -8,6 +8,7 @@ MedMNIST-layout .npz (train/val/test images and labels) or, at a partner site, t
 
 from __future__ import annotations
 
+import gzip
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,10 @@ import numpy as np
 from common.errors import DataError
 
 EMBEDDED = "embedded"
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 REQUIRED_NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -52,9 +57,11 @@ class DataSource:
 
 
 def load_source(spec: str, *, global_test_size: int, seed: int, num_classes: int = 0) -> DataSource:
-    """Load `embedded` or a MedMNIST .npz path; validate labels against `num_classes` (0: infer)."""
+    """Load `embedded`, `fashion-mnist` or a MedMNIST .npz path; validate labels against `num_classes` (0: infer)."""
     if spec == EMBEDDED:
         source = _embedded_mnist(global_test_size, seed)
+    elif spec == FASHION_MNIST:
+        source = fashion_mnist(str(FASHION_MNIST_DIR), global_test_size, seed)
     else:
         source = _medmnist_npz(str(Path(spec).expanduser().resolve()))
     if num_classes:
@@ -89,6 +96,46 @@ def _embedded_mnist(global_test_size: int, seed: int) -> DataSource:
     everything = ImageSet(images, labels)
     return DataSource("embedded-mnist", everything.subset(np.flatnonzero(train_mask)),
                       everything.subset(test_idx), num_classes)
+
+
+@lru_cache(maxsize=2)
+def fashion_mnist(directory: str, global_test_size: int, seed: int) -> DataSource:
+    """Fashion-MNIST from its idx files (60,000 training images; the global test set a stratified
+    `global_test_size` of the 10,000 official test images)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise DataError(f"Fashion-MNIST is not installed ({folder} does not exist). Install Debian's package: "
+                        "apt-get install dataset-fashion-mnist; or pass --data embedded.")
+    splits = {}
+    for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+        images, labels = _idx(folder / images_file, 3), _idx(folder / labels_file, 1)
+        if len(images) != len(labels):
+            raise DataError(f"{folder}: {split} has {len(images)} images but {len(labels)} labels; reinstall "
+                            "dataset-fashion-mnist.")
+        splits[split] = ImageSet(images[..., None], labels.astype(np.int64))
+    test = splits["test"]
+    if not 0 < global_test_size <= len(test):
+        raise DataError(f"global-test-size={global_test_size} must be between 1 and {len(test)} for Fashion-MNIST.")
+    held_out = test.subset(_stratified_holdout(test.labels, global_test_size, seed))
+    return DataSource(FASHION_MNIST, splits["train"], held_out, int(splits["train"].labels.max()) + 1)
+
+
+def _idx(path: Path, dims: int) -> np.ndarray:
+    """A gzipped idx file (LeCun's MNIST format): magic 0x0800 + dims, `dims` big-endian sizes, then uint8."""
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; reinstall Debian's dataset-fashion-mnist.") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path} is not a readable gzip file ({err}); reinstall dataset-fashion-mnist.") from None
+    header = 4 + 4 * dims
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != 0x0800 + dims:
+        raise DataError(f"{path} is not a {dims}-dimensional idx file of bytes; reinstall dataset-fashion-mnist.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    if len(raw) != header + int(np.prod(shape)):
+        raise DataError(f"{path} holds {len(raw) - header} bytes of data for shape {shape}; it is truncated or "
+                        "corrupt. Reinstall dataset-fashion-mnist.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _stratified_holdout(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -1,8 +1,10 @@
+import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from common.data import sources
 from common.data.sources import load_source
 from common.errors import DataError
 from tests.conftest import write_medmnist_npz
@@ -85,3 +87,49 @@ def test_image_shape_must_be_an_image(tmp_path: Path):
     path = write_medmnist_npz(tmp_path / "flat.npz", train_images=np.zeros((120, 784), np.uint8))
     with pytest.raises(DataError, match=r"train_images has shape \(120, 784\)"):
         load_source(str(path), global_test_size=10, seed=0)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """A gzipped idx file as Debian's dataset-fashion-mnist ships them (LeCun's format)."""
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def _fashion_folder(folder: Path, train: int = 40, test: int = 30) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("t10k", test)):
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return folder
+
+
+def test_fashion_mnist_loads_from_its_idx_files_with_a_stratified_test_set(tmp_path: Path):
+    source = sources.fashion_mnist(str(_fashion_folder(tmp_path)), 20, 1)
+    assert source.train.images.shape == (40, 28, 28, 1) and source.train.images.dtype == np.uint8
+    assert source.test.images.shape == (20, 28, 28, 1) and source.num_classes == 10
+    assert np.bincount(source.test.labels).tolist() == [2] * 10  # two of each class, as the full test set holds
+
+
+def test_fashion_mnist_missing_says_how_to_install_it(tmp_path: Path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        sources.fashion_mnist(str(tmp_path / "absent"), 20, 1)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.unlink(), "is missing"),
+    (lambda f: f.write_bytes(b"not gzip"), "not a readable gzip"),
+    (lambda f: f.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x01\x02")), "truncated"),
+    (lambda f: f.write_bytes(gzip.compress(b"\x00\x00\x08\x02" + bytes(8))), "not a 1-dimensional idx"),
+])
+def test_a_damaged_fashion_mnist_file_is_named(tmp_path: Path, damage, message: str):
+    folder = _fashion_folder(tmp_path)
+    damage(folder / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError, match=message):
+        sources.fashion_mnist(str(folder), 20, 1)
+
+
+def test_fashion_mnist_with_fewer_labels_than_images_is_refused(tmp_path: Path):
+    folder = _fashion_folder(tmp_path)
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(39) % 10)
+    with pytest.raises(DataError, match="40 images but 39 labels"):
+        sources.fashion_mnist(str(folder), 20, 1)
