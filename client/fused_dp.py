@@ -29,7 +29,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from client.per_sample import Factored, NotLayerwise, PerSample, by_vmap, layerwise
+from client.per_sample import Factored, NotLayerwise, PerSample, by_vmap, layerwise, materialised
 from common.errors import CareFedError
 
 LOG = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ def _fused_function(model: nn.Module, image_shape: tuple[int, ...], patients: bo
     """One function per architecture, image shape and device, shared by every site and round in this process: the
     sites' models differ only in weights, which are its inputs, so a graph compiled once per chunk size serves them
     all. Also how it computes per-sample gradients ("layerwise" or "vmap")."""
-    device = next(model.parameters()).device
-    key = (type(model).__name__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), image_shape,
-           str(device), patients, compiled)
+    key = (*_architecture(model), image_shape, patients, compiled)
     if key not in _FUNCTIONS:
         template = copy.deepcopy(model)  # its weights are never read: functional_call substitutes the inputs
         try:
@@ -193,21 +191,23 @@ def _fused_function(model: nn.Module, image_shape: tuple[int, ...], patients: bo
     return _FUNCTIONS[key]
 
 
+def _architecture(model: nn.Module) -> tuple:
+    """What a compiled graph depends on besides the inputs' shapes: the model's class, weight shapes and device."""
+    return (type(model).__name__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+            str(next(model.parameters()).device))
+
+
 def _clipped_sum_function(per_sample: PerSample, patients: bool) -> Callable:
     def clipped_sum(params, buffers, x, y, owner, units, max_grad_norm):
         grads, losses = per_sample(params, buffers, x, y)
         if patients:  # each patient's images' gradients summed into one sample, as Opacus's patient path does
-            grads = {k: _rows(g) for k, g in grads.items()}
+            grads = {k: materialised(g) for k, g in grads.items()}
             grads = {k: torch.zeros_like(g).index_add_(0, owner, g) for k, g in grads.items()}
         norms = sum(_squared_norms(g) for g in grads.values()).sqrt()
         factor = (max_grad_norm / (norms + OPACUS_CLIP_EPSILON)).clamp(max=1.0) * units
         return {k: _weighted_sum(g, factor) for k, g in grads.items()}, losses
 
     return clipped_sum
-
-
-def _rows(grads: torch.Tensor | Factored) -> torch.Tensor:
-    return grads.rows() if isinstance(grads, Factored) else grads
 
 
 def _squared_norms(grads: torch.Tensor | Factored) -> torch.Tensor:
@@ -229,7 +229,7 @@ def choose_engine(model: nn.Module, engine: str, *, image_shape: tuple[int, ...]
     per message), so compiling pays only for long rounds. Probed and logged once per model and shape in a process."""
     if engine == "opacus" or (engine == "auto" and not _fused_pays(steps, fresh_process)):
         return None
-    key = (type(model).__name__, tuple(p.shape for p in model.parameters()), image_shape, sizes, patients)
+    key = (*_architecture(model), image_shape, sizes, patients)
     chosen = _CHOSEN.get(key)
     if chosen is None:
         chosen = _probe(model, engine, image_shape, sizes, patients)

@@ -49,6 +49,11 @@ class Factored(NamedTuple):
         return (grads @ self.layer_input.transpose(1, 2).reshape(n * positions, -1)).view(self.shape)
 
 
+def materialised(grads: torch.Tensor | Factored) -> torch.Tensor:
+    """Per-sample gradients as a (samples, *weight shape) tensor, factored or not."""
+    return grads.rows() if isinstance(grads, Factored) else grads
+
+
 def _factored_or_rows(output_grad: torch.Tensor, layer_input: torch.Tensor,
                       shape: tuple[int, ...]) -> torch.Tensor | Factored:
     factored = Factored(output_grad, layer_input, shape)
@@ -115,9 +120,8 @@ def _check_samples_independent(per_sample: PerSample, template: nn.Module, image
     together, _ = per_sample(params, buffers, x, y)
     alone = [per_sample(params, buffers, x[i:i + 1], y[i:i + 1])[0] for i in range(2)]
     for name, value in together.items():
-        rows = value.rows() if isinstance(value, Factored) else value
-        each = torch.cat([a[name].rows() if isinstance(a[name], Factored) else a[name] for a in alone])
-        if not torch.allclose(rows, each, rtol=1e-3, atol=1e-5):
+        each = torch.cat([materialised(a[name]) for a in alone])
+        if not torch.allclose(materialised(value), each, rtol=1e-3, atol=1e-5):
             raise NotLayerwise(f"samples in a batch interact (the gradient of {name} depends on the others)")
 
 

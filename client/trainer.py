@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.fused_dp import ChunkSizes, FusedClipping, choose_engine
 from common.config import RunConfig
 from common.data import SiteData
+from common.models import count_parameters
 from common.privacy import SitePrivacy
 from common.privacy.secure_noise import SecureNoise, SecureNoiseDPOptimizer
 
@@ -80,7 +81,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     sampler = PoissonSampler(data.num_train, privacy.sample_rate, steps, uniforms)
     accountant = privacy.accountant()
     fused = choose_engine(model, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=False,
-                          sizes=ChunkSizes.for_study(config.batch_size, _trainable(model)),
+                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(model)),
                           steps=privacy.steps_per_round, fresh_process=fresh_process)
     losses = []
     with _private(model, "mean", hooks=fused is None) as module:
@@ -115,7 +116,7 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     accountant = privacy.accountant()
     largest = max((len(images) for images in images_of), default=1)
     fused = choose_engine(model, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=True,
-                          sizes=ChunkSizes.for_study(config.batch_size, _trainable(model), largest_unit=largest),
+                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(model), largest_unit=largest),
                           steps=privacy.steps_per_round, fresh_process=fresh_process)
     with _private(model, "sum", hooks=fused is None) as module:
         optimizer = _dp_optimizer(model, config, privacy, len(images_of), generator, secure)
@@ -289,10 +290,6 @@ def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> Non
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
-
-
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 
 from client.trainer import train_locally
 from common.config import resolve
-from common.data import load_site_data
+from common.data import SiteData, load_site_data
 from common.logs import tidy_logging
 from common.models import build_model
 from common.privacy import SitePrivacy
@@ -35,7 +35,7 @@ from common.privacy import SitePrivacy
 ARMS = ("no-dp", "no-dp-compiled", "opacus", "fused")
 
 
-def epoch_seconds(model_name: str, arm: str, data, batch_size: int, seed: int,  # noqa: ANN001
+def epoch_seconds(model_name: str, arm: str, data: SiteData, batch_size: int, seed: int,
                   device: str = "cpu") -> float:
     config = resolve(overrides={"num-sites": 1, "batch-size": batch_size, "local-epochs": 1, "model": model_name,
                                 "num-server-rounds": 1, "dp": not arm.startswith("no-dp"),

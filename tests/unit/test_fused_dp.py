@@ -15,7 +15,7 @@ from torch import nn
 
 from client import fused_dp
 from client.fused_dp import ChunkSizes, FusedClipping, FusedPathError, choose_engine
-from client.per_sample import Factored, NotLayerwise, by_vmap, layerwise
+from client.per_sample import Factored, NotLayerwise, by_vmap, layerwise, materialised
 from client.trainer import train_locally, train_patient_level
 from common.data.shift import ScannerShift
 from common.data.site import SiteData
@@ -59,10 +59,6 @@ def _opacus_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip
     return sums
 
 
-def _materialised(grads: dict) -> dict[str, torch.Tensor]:
-    return {k: g.rows() if isinstance(g, Factored) else g for k, g in grads.items()}
-
-
 @pytest.mark.parametrize("name, image_size", [("cnn", 28), ("resnet18", 16)])
 def test_layerwise_per_sample_gradients_are_opacus_grad_samples(name: str, image_size: int):
     torch.manual_seed(0)
@@ -72,7 +68,7 @@ def test_layerwise_per_sample_gradients_are_opacus_grad_samples(name: str, image
     grads, losses = layerwise(model, (1, image_size, image_size))(params, {}, x, y)
     expected = _opacus_rows(model, x, y)
     assert set(grads) == set(expected)
-    for key, rows in _materialised(grads).items():
+    for key, rows in {k: materialised(g) for k, g in grads.items()}.items():
         torch.testing.assert_close(rows, expected[key], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses, nn.functional.cross_entropy(model(x), y, reduction="none").detach())
 
