@@ -87,6 +87,18 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "status.json").read_text())
 
 
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """For a run whose RunFolder cannot say so itself (its thread was stopped): status failed, rounds recorded."""
+    metrics = run_dir / "metrics.json"
+    rounds = json.loads(metrics.read_text())["rounds"] if metrics.exists() else []
+    write_status(run_dir, STATUS_FAILED, reason=reason, rounds=max(len(rounds) - 1, 0))
+
+
+def write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    write_json(run_dir / "status.json",
+               {"state": state, "updated": datetime.now(UTC).isoformat(timespec="seconds"), **extra})
+
+
 class RunFolder:
     """Owns one run's folder; the only writer of it."""
 
@@ -110,12 +122,8 @@ class RunFolder:
         folder = cls(path, config)
         folder.ledger = PrivacyLedger(path / "ledger.sqlite")
         write_json(path / "config.json", config.to_mapping())
-        folder._status(STATUS_RUNNING)
+        write_status(path, STATUS_RUNNING)
         return folder
-
-    def _status(self, state: str, **extra: Any) -> None:
-        write_json(self.path / "status.json",
-                   {"state": state, "updated": datetime.now(UTC).isoformat(timespec="seconds"), **extra})
 
     def record_round(self, metrics: Mapping[str, Any]) -> None:
         self.rounds.append(dict(metrics))
@@ -150,7 +158,7 @@ class RunFolder:
         plots.mkdir(exist_ok=True)
         plot_accuracy(self.rounds, plots / "accuracy.png")
         plot_epsilon(self.privacy, self.config.target_epsilon if self.config.dp else None, plots / "epsilon.png")
-        self._status(STATUS_COMPLETE, rounds=server_round, stop_reason=stop_reason)
+        write_status(self.path, STATUS_COMPLETE, rounds=server_round, stop_reason=stop_reason)
 
     def fail(self, reason: str) -> None:
-        self._status(STATUS_FAILED, reason=reason, rounds=len(self.rounds) - 1 if self.rounds else 0)
+        mark_failed(self.path, reason)

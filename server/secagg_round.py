@@ -40,6 +40,7 @@ from common.secagg.stages import MaskedInputRequest as MaskedInput
 from common.secagg.stages import UnmaskRequest as Unmask
 from common.wire import array_view
 from server.aggregation import DeltaSum, check_aggregate
+from server.exchange import send_and_receive
 
 ReplyHandler = Callable[[int, RecordDict], None]
 REQUEST_SECTIONS = (messages.STUDY, messages.PRIVACY, messages.SECURE_AGGREGATION, messages.SIMULATION)
@@ -215,7 +216,7 @@ class SecAggRound:
                for u, c in requests.items()]
         replies: dict[int, RecordDict] = {}
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(out, timeout=self.config.round_timeout):
+        for reply in send_and_receive(self.grid, out, self.config.round_timeout):
             node = reply.metadata.src_node_id
             if node not in requests or node in answered:
                 continue

@@ -28,6 +28,7 @@ from common.secagg.protocol import graph_for_cohort
 from common.study import SiteRequest
 from common.update_codec import flatten
 from server.aggregation import DeltaSum, ServerOptimizer
+from server.exchange import STOP, RunInterrupted, send_and_receive
 from server.run_folder import RunFolder, with_run_name
 from server.secagg_round import SecAggRound
 
@@ -103,9 +104,10 @@ class FederatedTraining:
 
     def run(self) -> None:
         try:
-            last_round, reason = self._rounds()
+            with STOP.watching():
+                last_round, reason = self._rounds()
         except BaseException as err:
-            self.folder.fail(f"{type(err).__name__}: {err}")
+            self.folder.fail(str(err) if isinstance(err, RunInterrupted) else f"{type(err).__name__}: {err}")
             raise
         self.folder.finish(last_round, self.model.state_dict(), reason)
         log(INFO, "CareFed run finished after %d round(s) (%s). Run folder: %s", last_round, reason, self.folder.path)
@@ -141,6 +143,7 @@ class FederatedTraining:
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while True:
+            STOP.check()
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= self.config.num_sites:
                 return nodes[: self.config.num_sites]
@@ -168,7 +171,7 @@ class FederatedTraining:
         out = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
                for node in asked]
         replies: dict[int, RecordDict | str] = {}
-        for reply in self.grid.send_and_receive(out, timeout=self.config.round_timeout):
+        for reply in send_and_receive(self.grid, out, self.config.round_timeout):
             node = reply.metadata.src_node_id
             if node not in asked or node in replies:
                 continue

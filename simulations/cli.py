@@ -23,6 +23,7 @@ from rich.table import Table  # noqa: E402
 
 from common.config import RunConfig, resolve  # noqa: E402
 from common.errors import CareFedError  # noqa: E402
+from server.exchange import RunInterrupted  # noqa: E402
 from server.run_folder import with_run_name  # noqa: E402
 from simulations.deploy_cli import CERTS_EPILOG, certs, site_app  # noqa: E402
 from simulations.terminal import console, fail  # noqa: E402
@@ -168,6 +169,10 @@ def simulate(
 
     try:
         run_simulation(config, ray_address=ray_address, verbose=verbose)
+    except RunInterrupted as err:
+        fail(err.exit_code, str(err))
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(err.exit_code)  # Flower's runtime threads may be stuck on actors the signal killed
     except CareFedError as err:
         raise fail(err.exit_code, str(err)) from None
     except Exception as err:  # the ServerApp's failure, already logged by Flower with its traceback

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
 from common.data.site import check_partitions, load_site_data, load_source_for, resolve_partitioning
-from server.run_folder import with_run_name
+from server.exchange import STOP, RunInterrupted
+from server.run_folder import STATUS_RUNNING, mark_failed, read_status, with_run_name
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SERVER_THREAD_GRACE = 60.0  # seconds for the ServerApp thread to leave the exchange it is in and record the failure
 
 VALIDATED_SITES = 100  # beyond this, sites are built (and checked) when first sampled
 
@@ -81,6 +89,7 @@ def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose
     """Run the study; return its run folder. Raises what the ServerApp raised."""
     from flwr.app import Context, RecordDict
     from flwr.common.logger import log
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
@@ -91,17 +100,71 @@ def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_mapping())
+    run_dir = Path(config.output_dir).expanduser().resolve() / config.run_name
     log(logging.INFO, "CareFed: %d sites, %d rounds, DP %s", config.num_sites, config.num_server_rounds,
         f"on (target epsilon {config.target_epsilon}, delta {config.target_delta})" if config.dp else "OFF")
-    result = _run_simulation(
-        num_supernodes=config.num_sites,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name="ray",
-        backend_config=backend_config(config, ray_address),
-        server_app_context=context,
-        verbose_logging=verbose,
-    )
-    del result
-    return Path(config.output_dir).expanduser().resolve() / config.run_name
+    backend = backend_config(config, ray_address)
+    try:
+        RayBackend(backend)  # starts Ray (Flower's own code; the runtime reuses it), so that Ray's SIGTERM handler
+        with _stopped_by_signals():  # is installed before ours, not after
+            _run_simulation(
+                num_supernodes=config.num_sites,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=backend,
+                server_app_context=context,
+                verbose_logging=verbose,
+            )
+    except BaseException:
+        if not STOP.is_set():
+            raise
+        _close_interrupted(run_dir, STOP.reason)
+        raise RunInterrupted(f"the run was {STOP.reason}; run folder {run_dir} says so (status failed). Every "
+                             "ledger entry written before it stopped is kept.") from None
+    return run_dir
+
+
+class _Signalled(BaseException):
+    """Unwinds Flower's simulation runtime from the main thread (a BaseException, like KeyboardInterrupt, so the
+    runtime's `except Exception` does not log it as a crash); its `finally` stops the Ray actors and Ray."""
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM (a scheduler's timeout) or Ctrl-C: STOP ends every exchange of the ServerApp thread, and the main
+    thread unwinds the runtime. A second signal gets the previous handler (it acts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        STOP.set(f"interrupted by {signal.Signals(signum).name}")
+        raise _Signalled(STOP.reason)
+
+    STOP.clear()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _close_interrupted(run_dir: Path, reason: str) -> None:
+    """Let the ServerApp thread record the failure, stop Ray if the runtime had not, and make sure the run folder
+    says failed with the reason (the thread may not have reached its folder yet). The runtime's worker threads
+    can stay blocked in `ray.get` on actors that died with the signal: the CLI ends its process without them."""
+    import ray
+
+    for thread in list(STOP.runs):
+        thread.join(SERVER_THREAD_GRACE)
+    if ray.is_initialized():
+        ray.shutdown()
+    if (run_dir / "status.json").exists() and read_status(run_dir)["state"] == STATUS_RUNNING:
+        mark_failed(run_dir, reason)
