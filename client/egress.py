@@ -15,6 +15,7 @@ and SHA-256 digest, and the verdict (never the values).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -51,7 +52,8 @@ def egress_guard(state_dir: Callable[[Context, RecordDict], Path | None], *,
         except Exception as err:  # whatever failed inside, only its type leaves (a message could carry data)
             folder = state_dir(context, msg.content)
             if folder is not None:
-                _log(folder, msg, stage, RecordDict(), "error", f"{type(err).__name__}: {err}"[:2000])
+                with contextlib.suppress(OSError):  # the error reply leaves all the same; it carries no data
+                    _log(folder, msg, stage, RecordDict(), "error", f"{type(err).__name__}: {err}"[:2000])
             raise SiteFailure(f"the site could not answer ({type(err).__name__}); see its egress log") from None
         if reply.has_error():  # an error reply carries only Flower's error code and reason, no records
             return reply
@@ -63,12 +65,23 @@ def egress_guard(state_dir: Callable[[Context, RecordDict], Path | None], *,
             verdict, reason = "refused", str(err)
         folder = state_dir(context, msg.content)
         if folder is not None:
-            _log(folder, msg, stage, content, verdict, reason)
+            try:
+                _log(folder, msg, stage, content, verdict, reason)
+            except OSError as err:  # a read-only or full state folder: only a refusal, which carries no data, leaves
+                if not _is_refusal(content):
+                    raise SiteFailure(f"the site's egress log cannot be written ({type(err).__name__}); only a "
+                                      "refusal leaves without it") from None
         if verdict == "refused":
             raise EgressRefused(f"egress guard refused this site's {msg.metadata.message_type} reply: {reason}")
         return reply
 
     return mod
+
+
+def _is_refusal(content: RecordDict) -> bool:
+    status = content.get(messages.STATUS)
+    return set(content.keys()) == {messages.STATUS} and isinstance(status, ConfigRecord) \
+        and status.get("state") == messages.STATE_REFUSED
 
 
 def _log(folder: Path, msg: Message, stage: str, content: RecordDict, verdict: str, reason: str) -> None:

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
 
 from client.identity import STATE_DIR_KEY, is_simulated, site_id
 from common import messages
@@ -33,6 +38,8 @@ from common.secagg.identity import IdentityError, IdentityVerifier, SiteIdentity
 from common.secagg.protocol import SPARSE_NEIGHBOURHOOD_DROPOUT
 from common.study import RequestError, SecAggSection, SiteRequest, StudySection, check_name
 
+# A round writes a ledger entry (kilobytes), egress-log lines and, deployed, compiled kernels into the state folder.
+STATE_DIR_MIN_FREE_MIB, STATE_DIR_PROBE_BYTES = 16, 64 * 1024
 POLICY_KEY = "policy"  # node_config: the site's policy file
 IDENTITY_KEY = "identity"  # node_config: the site's folder from `carefed certs` (identity.key/.crt, ca.crt), or
 # a folder holding one such folder per study id
@@ -71,7 +78,31 @@ def admit(message_type: str, content: RecordDict, context: Context) -> Admission
         raise PolicyRefusal("secagg", "a training request outside secure aggregation",
                             "training only inside a secure-aggregation round")
     _check_cohort(content, policy, request)
-    return Admission(request, policy, config, site, state_dir(context, config, site), request_round(content))
+    folder = state_dir(context, config, site)
+    if message_type == MessageType.TRAIN:
+        check_state_dir(folder)
+    return Admission(request, policy, config, site, folder, request_round(content))
+
+
+def check_state_dir(folder: Path) -> None:
+    """A round's ledger entry is committed before its update leaves, so a site whose state folder cannot take one
+    (read-only, full, not a folder) refuses the round here, before any key, image or gradient. The reason leaves
+    the site; the folder's path stays in its own log."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".carefed-write-probe.") as probe:
+            probe.write(bytes(STATE_DIR_PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
+        free_mib = shutil.disk_usage(folder).free // 2**20
+    except OSError as err:
+        log(WARNING, "the state folder %s cannot be written: %s", folder, err)
+        raise SiteSetupError(f"the site's state folder cannot be written ({err.strerror or type(err).__name__}); "
+                             "its ledger must record a round before the round's update may leave") from None
+    if free_mib < STATE_DIR_MIN_FREE_MIB:
+        log(WARNING, "the state folder %s has %d MiB free", folder, free_mib)
+        raise SiteSetupError(f"the site's state folder is full (under {STATE_DIR_MIN_FREE_MIB} MiB free); its "
+                             "ledger must record a round before the round's update may leave")
 
 
 def _site_config(content: RecordDict, context: Context) -> RunConfig:

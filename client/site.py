@@ -13,11 +13,14 @@ import json
 import math
 import os
 import socket
+import sqlite3
 from collections.abc import Mapping
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 
 from client.identity import (
     CLASS_NAMES_KEY,
@@ -40,7 +43,7 @@ from common.models import build_model
 from common.policy import PolicyRefusal
 from common.privacy import SitePrivacy
 from common.privacy.budget import DatasetSpend, epsilon, planned_history
-from common.privacy.ledger import LedgerEntry, PrivacyLedger, history_tuple
+from common.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger, history_tuple
 from common.study import RequestError, StudySection
 from common.update_codec import clip_l2, flatten, unflatten
 
@@ -322,8 +325,13 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     })
     if privacy is not None:
         # the round's ledger entry is committed before the update can leave the site
-        entry = ledger.append(ledger_entry(admission, privacy, data.fingerprint,
-                                           lifetime_spent(admission, ledger, privacy), max_per_patient))
+        try:
+            entry = ledger.append(ledger_entry(admission, privacy, data.fingerprint,
+                                               lifetime_spent(admission, ledger, privacy), max_per_patient))
+        except (LedgerError, sqlite3.Error, OSError) as err:  # e.g. the disk filled up while it trained
+            log(WARNING, "the round's ledger entry could not be committed: %s", err)
+            return refuse(content, context, SiteSetupError("the round's ledger entry could not be committed; "
+                                                           "its update is withheld"), data.fingerprint)
         records[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient, entry)
     return records
 

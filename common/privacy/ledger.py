@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -129,8 +130,12 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = Path(path)
+        self.read_only = False
         if not create and not self.path.is_file():
             raise LedgerError(f"no ledger at {self.path}")
+        if not create and not os.access(self.path.parent, os.W_OK):
+            self._open_read_only()  # a ledger on read-only media (a site's folder that turned read-only, a backup)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connect() as db:
@@ -165,8 +170,28 @@ class PrivacyLedger:
             version = (str(SCHEMA_VERSION),)
         return version
 
+    def _open_read_only(self) -> None:
+        """Readable, never written: SQLite opens it as immutable (nothing can change a read-only file system)."""
+        self.read_only = True
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:  # immutable mode would not read it: entries would be missed
+            raise LedgerError(f"{self.path} has a write-ahead log that was never merged into it and its folder is "
+                              "read-only; copy the folder to writable storage to read the whole ledger")
+        try:
+            with self._connect() as db:
+                version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path} is not a CareFed privacy ledger ({err})") from err
+        if version is None or version[0] != str(SCHEMA_VERSION):
+            raise LedgerError(f"{self.path} has ledger schema {version}, expected {SCHEMA_VERSION}")
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            uri = f"{self.path.resolve().as_uri()}?immutable=1"
+            with closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
+                yield db
+            return
         with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +231,78 @@ def test_a_deployed_site_without_its_own_state_folder_or_policy_refuses_every_re
         assert status["state"] == messages.STATE_REFUSED and f"no '{missing}' in its node config" in status["reason"]
         assert set(reply.content.keys()) == {messages.STATUS}
         assert SESSION_STATE not in grid.contexts[FIRST_NODE].state
+
+
+# ===== a site's state folder turns read-only or fills up: it refuses to train, and nothing it holds is lost ======
+@pytest.fixture
+def small_mount(tmp_path):
+    """A real tmpfs of 24 MiB (mounting needs root with CAP_SYS_ADMIN, as in CI here); unmounted afterwards."""
+    point = tmp_path / "mount"
+    point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_a_site_whose_state_folder_turns_read_only_or_full_refuses_to_train(fault, site_root, tmp_path,
+                                                                            small_mount):
+    sites = _sites(site_root, tmp_path)
+    folder = small_mount / "state"
+    sites[FIRST_NODE]["state-dir"] = str(folder)
+    grid = DeployedGrid(sites)
+    config, model = _honest(tmp_path)
+    _send(grid, _advertise(config, model, {"privacy": {"dp": False}}))  # a refusal on record, while it can write
+    before = PrivacyLedger(folder / "ledger.sqlite").entries()
+    assert len(before) == 1
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    else:
+        (small_mount / "filler").write_bytes(bytes(20 * 2**20))  # 24 MiB: under 16 MiB left
+    reply = _send(grid, _advertise(config, model))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    status = reply.content[messages.STATUS]
+    expected = "state folder cannot be written" if fault == "read-only" else "state folder is full"
+    assert status["state"] == messages.STATE_REFUSED and expected in status["reason"], status["reason"]
+    assert str(folder) not in status["reason"]  # the site's paths stay at the site
+    assert set(reply.content.keys()) == {messages.STATUS}
+    assert SESSION_STATE not in grid.contexts[FIRST_NODE].state  # no keys made
+    ledger = PrivacyLedger(folder / "ledger.sqlite", create=False)
+    entries = ledger.entries()
+    assert entries[:1] == before and ledger.verify().ok  # what it held is intact
+    if fault == "full":  # a few kilobytes still fit: the refusal is recorded
+        assert len(entries) == 2 and expected in entries[-1].reason
+    healthy = _send(grid, _advertise(config, model), node=FIRST_NODE + 1)
+    assert not healthy.has_error() and messages.SECAGG in healthy.content  # another site advertises its keys
+
+
+@pytest.mark.slow
+def test_a_ledger_entry_that_cannot_be_committed_withholds_the_update(site_root, tmp_path, monkeypatch):
+    """The disk fills while the site trains (after its admission check): the entry's commit fails, so the update
+    never leaves; the round goes on without that site. The failing disk is the one stand-in here: SQLite's own
+    'database or disk is full' error, raised from the commit of a round entry at one site."""
+    sites = _sites(site_root, tmp_path)
+    failing = Path(str(sites[FIRST_NODE]["state-dir"])) / "ledger.sqlite"
+    append = PrivacyLedger.append
+
+    def disk_full(self, entry):
+        if self.path == failing and entry.kind != KIND_REFUSAL:
+            raise sqlite3.OperationalError("database or disk is full")
+        return append(self, entry)
+
+    monkeypatch.setattr(PrivacyLedger, "append", disk_full)
+    grid = DeployedGrid(sites)
+    config, _ = _honest(tmp_path, **{"num-server-rounds": 1, "local-epochs": 1})
+    FederatedTraining(grid, config).run()
+    ledger = PrivacyLedger(failing, create=False)
+    assert not ledger.spends() and ledger.verify().ok
+    assert "ledger entry could not be committed" in ledger.entries()[-1].reason
+    from_failing = [r for r in grid.replies if r.metadata.src_node_id == FIRST_NODE and not r.has_error()]
+    assert from_failing and not any(messages.MASKED_UPDATE in r.content or messages.UPDATE in r.content
+                                    for r in from_failing)
+    for node in (FIRST_NODE + 1, FIRST_NODE + 2):
+        assert len(PrivacyLedger(Path(str(sites[node]["state-dir"])) / "ledger.sqlite").spends()) == 1
