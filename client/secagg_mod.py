@@ -159,8 +159,9 @@ def _masked_input(msg: Message, request: MaskedInputRequest, session: ClientSess
         # only what is not secret: which site, how many steps; the count and the clip flag ride masked
         messages.TRAIN_METRICS: MetricRecord({"site": int(metrics["site"]), "steps": int(metrics["steps"])}),
     })
-    if messages.PRIVACY_REPORT in content:
-        reply[messages.PRIVACY_REPORT] = content[messages.PRIVACY_REPORT]
+    for name in (messages.PRIVACY_REPORT, messages.EVAL_METRICS):  # public reports, as the policy allows
+        if name in content:
+            reply[name] = content[name]
     return _reply(msg, reply)
 
 

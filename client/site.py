@@ -301,6 +301,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
             return refusal
 
     model.to(site_device(config))
+    evaluation = _evaluation(admission, model, data)  # the received model, before training changes it
     generator = noise_generator(context, config, site, admission.server_round)
     # a deployed site draws its noise from a CSPRNG, and its SuperNode runs each message in a new ClientApp process
     deployed = not is_simulated(context)
@@ -323,6 +324,8 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
             "site": site, "num-examples": update.num_examples, "steps": update.steps, "update-clipped": int(clipped),
         }),
     })
+    if evaluation is not None:
+        records[messages.EVAL_METRICS] = evaluation
     if privacy is not None:
         # the round's ledger entry is committed before the update can leave the site
         try:
@@ -345,10 +348,17 @@ def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
         return refuse(content, context, err)
     torch.set_num_threads(admission.config.client_threads)
     data = site_data(context, admission)
-    loss, accuracy = evaluate_model(model.to(site_device(admission.config)), data.test_x, data.test_y)
-    return RecordDict({messages.EVAL_METRICS: MetricRecord({
-        "site": admission.site, "num-examples": len(data.test_y), "loss": loss, "accuracy": accuracy,
-    })})
+    return RecordDict({messages.EVAL_METRICS: _evaluation(admission, model.to(site_device(admission.config)), data)})
+
+
+def _evaluation(admission: Admission, model: torch.nn.Module, data: SiteData) -> MetricRecord | None:
+    """The model's loss and accuracy on the site's local test split (never trained on), where its policy lets
+    metrics leave. A training round evaluates the model it received, so no exchange of its own is needed."""
+    if not admission.policy.send_evaluation_metrics:
+        return None
+    loss, accuracy = evaluate_model(model, data.test_x, data.test_y)
+    return MetricRecord({"site": admission.site, "num-examples": len(data.test_y), "loss": loss,
+                         "accuracy": accuracy})
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -58,13 +58,17 @@ def check_reply(message_type: str, stage: str, request: RecordDict, reply: Recor
         return
     # a training reply: plain update, masked update, or a status (refused, aborted) without an update
     allowed: dict[str, type] = {messages.STATUS: ConfigRecord, messages.PRIVACY_REPORT: MetricRecord,
-                                messages.TRAIN_METRICS: MetricRecord}
+                                messages.TRAIN_METRICS: MetricRecord, messages.EVAL_METRICS: MetricRecord}
     masked = messages.SECAGG in request
     allowed[messages.MASKED_UPDATE if masked else messages.UPDATE] = ArrayRecord
     _records(reply, allowed, required={messages.STATUS})
     _status(reply[messages.STATUS])
     if messages.PRIVACY_REPORT in reply:
         _privacy_report(reply[messages.PRIVACY_REPORT])
+    if messages.EVAL_METRICS in reply:  # the received model's evaluation, sent with the update
+        if messages.STATUS in reply and reply[messages.STATUS]["state"] != messages.STATE_TRAINED:
+            raise ReplyRefused("evaluation metrics in a reply that did not train")
+        _metrics(reply[messages.EVAL_METRICS], EVAL_METRICS, required=EVAL_METRICS)
     if masked:
         if messages.TRAIN_METRICS in reply:
             _metrics(reply[messages.TRAIN_METRICS], MASKED_TRAIN_METRICS, required=MASKED_TRAIN_METRICS)

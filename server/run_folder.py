@@ -129,6 +129,12 @@ class RunFolder:
         self.rounds.append(dict(metrics))
         write_json(self.path / "metrics.json", {"rounds": self.rounds})
 
+    def amend_round(self, server_round: int, fields: Mapping[str, Any]) -> None:
+        """Fill in what arrives after a round's row (its sites evaluate its model during the next round)."""
+        [row] = [r for r in self.rounds if r["round"] == server_round]
+        row.update(fields)
+        write_json(self.path / "metrics.json", {"rounds": self.rounds})
+
     def record_privacy(self, site: int, report: Mapping[str, Any]) -> None:
         """Keep a site's report: in privacy/site-NNNN.json and, for rounds it trained, in the run ledger."""
         self.privacy[site].append(dict(report))

@@ -43,6 +43,7 @@ class RoundOutcome:
     failed: list[int] = field(default_factory=list)
     secagg_aborted: str = ""
     secagg_dropped: dict[str, list[int]] = field(default_factory=dict)
+    evaluated: dict[int, float] = field(default_factory=dict)  # site -> accuracy of the model it received
 
 
 def request_content(request: SiteRequest, server_round: int, model: ArrayRecord, *,
@@ -113,32 +114,44 @@ class FederatedTraining:
         log(INFO, "CareFed run finished after %d round(s) (%s). Run folder: %s", last_round, reason, self.folder.path)
 
     def _rounds(self) -> tuple[int, str]:
+        """Each site evaluates the model it receives before training on it, and returns the metrics with its
+        (masked) update: the previous round's model is evaluated without an exchange of its own. Sites outside
+        the cohort are asked separately when every site is evaluated, and the last model once at the end."""
         nodes = self._wait_for_nodes()
-        self._record(0, RoundOutcome(), self._evaluate_sites(nodes if self.config.evaluates_all_sites else [], 0))
+        self._record(0, RoundOutcome())
+        cohort, last_round, reason = nodes, self.config.num_server_rounds, "all rounds done"
         for server_round in range(1, self.config.num_server_rounds + 1):
             eligible = [n for n in nodes if n not in self.exhausted]
-            if not eligible:
-                reason = "no site can train within its privacy budget"
-                log(WARNING, "Stopping before round %d: %s.", server_round, reason)
-                return server_round - 1, reason
-            if self.config.secagg and len(eligible) < self.config.secagg_min_cohort:
-                reason = (f"only {len(eligible)} site(s) can still train, fewer than secagg-min-cohort="
-                          f"{self.config.secagg_min_cohort}")
-                log(WARNING, "Stopping before round %d: %s.", server_round, reason)
-                return server_round - 1, reason
+            stop = self._stop_reason(eligible)
+            if stop:
+                log(WARNING, "Stopping before round %d: %s.", server_round, stop)
+                last_round, reason = server_round - 1, stop
+                break
             cohort = self._sample(eligible)
             started = time.perf_counter()
+            outside = [n for n in nodes if n not in cohort] if self.config.evaluates_all_sites else []
+            self._amend_sites(server_round - 1, self._evaluate_sites(outside, server_round - 1))
             outcome = self._train(server_round, cohort)
+            self._amend_sites(server_round - 1, outcome.evaluated)
             if outcome.total.contributors:
                 weights = {k: v.numpy() for k, v in self.model.state_dict().items()}
                 new_weights = self.server_optimizer.step(weights, outcome.total.mean())
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
             else:
                 log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
-            site_metrics = self._evaluate_sites(nodes if self.config.evaluates_all_sites else cohort, server_round)
-            self._record(server_round, outcome, site_metrics, seconds=time.perf_counter() - started, cohort=cohort)
+            self._record(server_round, outcome, seconds=time.perf_counter() - started, cohort=cohort)
             self.folder.checkpoint(server_round, self.model.state_dict(), self.server_optimizer.state)
-        return self.config.num_server_rounds, "all rounds done"
+        final = nodes if self.config.evaluates_all_sites else cohort
+        self._amend_sites(last_round, self._evaluate_sites(final, last_round))
+        return last_round, reason
+
+    def _stop_reason(self, eligible: list[int]) -> str:
+        if not eligible:
+            return "no site can train within its privacy budget"
+        if self.config.secagg and len(eligible) < self.config.secagg_min_cohort:
+            return (f"only {len(eligible)} site(s) can still train, fewer than secagg-min-cohort="
+                    f"{self.config.secagg_min_cohort}")
+        return ""
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_SECONDS
@@ -241,6 +254,9 @@ class FederatedTraining:
             outcome.refused.append(node)
             return False
         outcome.trained.append(site)
+        evaluation = content.get(messages.EVAL_METRICS)  # the received model, evaluated before training
+        if evaluation is not None:
+            outcome.evaluated[int(evaluation["site"])] = float(evaluation["accuracy"])
         return True
 
     def _sites(self, nodes: Iterable[int]) -> list[int | str]:
@@ -265,19 +281,16 @@ class FederatedTraining:
             accuracy[int(metrics["site"])] = float(metrics["accuracy"])
         return dict(sorted(accuracy.items()))
 
-    def _record(self, server_round: int, outcome: RoundOutcome, site_accuracy: dict[int, float],
-                seconds: float = 0.0, cohort: Iterable[int] = ()) -> None:
+    def _record(self, server_round: int, outcome: RoundOutcome, seconds: float = 0.0,
+                cohort: Iterable[int] = ()) -> None:
+        """The round's row; its sites' accuracies follow (`_amend_sites`) when they evaluate its model."""
         loss, acc = evaluate_model(self.model, self.test_x, self.test_y)
         latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
-        evaluated = "all" if self.config.evaluates_all_sites else "cohort"
         row: dict[str, Any] = {
             "round": server_round,
             "global-loss": loss,
             "global-accuracy": acc,
-            "site-accuracy": {str(k): v for k, v in site_accuracy.items()},
-            "sites-evaluated": evaluated,
-            "mean-site-accuracy": float(np.mean(list(site_accuracy.values()))) if site_accuracy else None,
-            "worst-site-accuracy": min(site_accuracy.values()) if site_accuracy else None,
+            **_site_fields({}, "all" if self.config.evaluates_all_sites else "cohort"),
             "max-epsilon": max(latest_epsilon) if latest_epsilon else 0.0,
             "sites-sampled": self._sites(cohort),
             "sites-trained": sorted(outcome.trained),
@@ -291,7 +304,26 @@ class FederatedTraining:
             "seconds": seconds,
         }
         self.folder.record_round(row)
-        worst = row["worst-site-accuracy"]
-        log(INFO, "round %3d | global acc %.4f | worst-site acc %s | max eps %.3f | aggregated %d refused %d failed %d",
-            server_round, acc, f"{worst:.4f}" if worst is not None else "n/a", row["max-epsilon"],
-            outcome.total.contributors, len(outcome.refused), len(outcome.failed))
+        log(INFO, "round %3d | global acc %.4f | max eps %.3f | aggregated %d refused %d failed %d",
+            server_round, acc, row["max-epsilon"], outcome.total.contributors, len(outcome.refused),
+            len(outcome.failed))
+
+    def _amend_sites(self, server_round: int, accuracy: dict[int, float]) -> None:
+        """Add sites' accuracies of round `server_round`'s model to that round's row."""
+        if not accuracy:
+            return
+        row = next(r for r in self.folder.rounds if r["round"] == server_round)
+        known = {int(k): v for k, v in row["site-accuracy"].items()} | accuracy
+        fields = _site_fields(known, row["sites-evaluated"])
+        self.folder.amend_round(server_round, fields)
+        log(INFO, "round %3d | %d site(s) evaluated its model | worst-site acc %.4f", server_round, len(known),
+            fields["worst-site-accuracy"])
+
+
+def _site_fields(accuracy: dict[int, float], evaluated: str) -> dict[str, Any]:
+    return {
+        "site-accuracy": {str(k): v for k, v in sorted(accuracy.items())},
+        "sites-evaluated": evaluated,
+        "mean-site-accuracy": float(np.mean(list(accuracy.values()))) if accuracy else None,
+        "worst-site-accuracy": min(accuracy.values()) if accuracy else None,
+    }
