@@ -37,6 +37,7 @@ from common.deploy.demo_data import write_site_folders
 from common.policy import SitePolicy, policy_text
 
 CONNECTION = "carefed-study"
+SUPEREXEC_TASK_POLL_INTERVAL = "0.1"  # seconds; Flower's default is 1 s (as docker/*.Dockerfile set it)
 CAPTURE_WRAPPER = PROJECT_ROOT / "tests" / "capture_supernode.py"
 
 
@@ -62,6 +63,7 @@ class LoopbackDeployment:
     def env(self, home: str) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
         return {**os.environ, "FLWR_HOME": str(self.work / "homes" / home), "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_TASK_POLL_INTERVAL,
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -126,15 +128,16 @@ class LoopbackDeployment:
             raise RuntimeError(f"registering {site} failed: {printed}")
 
     def supernode_command(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
-                          insecure: bool = False, name: str | None = None,
-                          identity: Path | None = None) -> list[str]:
+                          insecure: bool = False, name: str | None = None, identity: Path | None = None,
+                          superlink_port: int | None = None) -> list[str]:
         """A hospital's SuperNode: the study CA, its own node key, its images, state folder, policy and identity
-        (for secure aggregation) in node config."""
+        (for secure aggregation) in node config; `superlink_port` reaches the SuperLink another way (a proxy)."""
         folder = self.study.site(site)
         state = self.work / "state" / (name or site)
         node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}" '
                        f'policy="{self.policy_path(site)}" identity="{identity or folder}"')
-        command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
+        command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port or self.port}",
+                   "--node-config", node_config,
                    "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
         if insecure:
             return [*command, "--insecure"]
@@ -142,10 +145,11 @@ class LoopbackDeployment:
                 "--auth-supernode-private-key", str(key or folder / "node.key")]
 
     def start_supernode(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
-                        insecure: bool = False, name: str | None = None, identity: Path | None = None) -> str:
+                        insecure: bool = False, name: str | None = None, identity: Path | None = None,
+                        superlink_port: int | None = None) -> str:
         name = name or site
         command = self.supernode_command(site, index, key=key, ca=ca, insecure=insecure, name=name,
-                                         identity=identity)
+                                         identity=identity, superlink_port=superlink_port)
         env_extra = {}
         if self.capture:
             command = [sys.executable, str(CAPTURE_WRAPPER), *command[1:]]
@@ -154,13 +158,14 @@ class LoopbackDeployment:
         self._spawn(f"supernode-{name}", command, home=f"supernode-{name}", extra=env_extra)
         return name
 
-    def start_federation(self) -> None:
-        """Keys, data, the SuperLink, and every site registered and online: ready for `run`."""
+    def start_federation(self, superlink_ports: dict[str, int] | None = None) -> None:
+        """Keys, data, the SuperLink, and every site registered and online: ready for `run`. `superlink_ports`:
+        sites that reach the SuperLink through another port (a proxy)."""
         self.prepare()
         self.start_superlink()
         for index, site in enumerate(self.sites):
             self.register(site)
-            self.start_supernode(site, index)
+            self.start_supernode(site, index, superlink_port=(superlink_ports or {}).get(site))
         self.wait_online(len(self.sites))
 
     def online_nodes(self) -> int:
@@ -215,6 +220,15 @@ class LoopbackDeployment:
         # SIGKILL is not instant: wait until they are gone (or zombies), so a check right after sees none alive
         psutil.wait_procs(list(self._descendants), timeout=10)
 
+    def crash(self, name: str) -> None:
+        """SIGKILL a process and everything it started, as a power cut or the OOM killer would: no handler runs."""
+        process = self.processes[name]
+        with contextlib.suppress(psutil.Error):
+            self._descendants.update(psutil.Process(process.pid).children(recursive=True))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
     def leftover_processes(self) -> list[str]:
         """Processes this deployment started (or they started) that are still alive; zombies excluded."""
         groups = {p.pid for p in self.processes.values()}
@@ -229,7 +243,7 @@ class LoopbackDeployment:
     def _spawn(self, name: str, command: list[str], *, home: str, extra: dict[str, str] | None = None) -> None:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         (self.work / "homes" / home).mkdir(parents=True, exist_ok=True)
-        log = (self.work / "logs" / f"{name}.log").open("wb")
+        log = (self.work / "logs" / f"{name}.log").open("ab")  # a restarted process keeps its earlier log
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
                                                 env={**self.env(home), **(extra or {})}, start_new_session=True)
 

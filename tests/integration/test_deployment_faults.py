@@ -1,0 +1,112 @@
+"""Hospitals crash in the middle of a deployed study: real SuperLink (TLS, node authentication) and four real
+SuperNodes on 127.0.0.1, each SIGKILLed (with every process it started) at a chosen secure-aggregation stage and
+restarted at once with the same state folder, key and images, and an empty Flower context.
+
+Round 1: site 3 is killed right after its masked update left (its ledger entry was committed before that).
+Round 2: site 1 is killed right after its key shares left.
+Each round must finish from the survivors (three of four, the policy's minimum cohort); the run folder must name
+who dropped where; the restarted sites must continue their own accountant and ledger chain (never spending a
+round twice, never losing an entry) and pass `carefed audit`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from common.privacy.ledger import PrivacyLedger
+from simulations.loopback import LoopbackDeployment
+from tests.capture_supernode import read_capture
+from tests.conftest import carefed
+
+pytestmark = pytest.mark.slow
+SITES = ["site-0", "site-1", "site-2", "site-3"]
+CRASHES = {1: (3, "masked-input"), 2: (1, "share-keys")}  # round -> (site index, stage whose reply has left)
+
+
+def _egress(deployment: LoopbackDeployment, site: str) -> list[dict]:
+    path = deployment.work / "state" / site / "egress.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _reply_has_left(deployment: LoopbackDeployment, site: str, server_round: int, stage: str) -> bool:
+    """The site's reply for (round, stage) passed its egress guard and its SuperNode finished pushing it (it
+    went back to polling for messages after its last push)."""
+    if not any(line["round"] == str(server_round) and line["stage"] == stage and line["verdict"] == "sent"
+               for line in _egress(deployment, site)):
+        return False
+    paths = [path for path, _ in read_capture(str(deployment.work / "capture" / f"{site}.bin"))]
+    pushes = [k for k, path in enumerate(paths) if path == "/v1/fleet/push-messages"]
+    return bool(pushes) and "/v1/fleet/pull-messages" in paths[pushes[-1]:]
+
+
+def _crash_and_restart(deployment: LoopbackDeployment, done: threading.Event, crashed: list) -> None:
+    for server_round, (index, stage) in sorted(CRASHES.items()):
+        site = SITES[index]
+        while not _reply_has_left(deployment, site, server_round, stage):
+            if done.is_set():
+                return
+            time.sleep(0.05)
+        deployment.crash(f"supernode-{site}")
+        deployment.start_supernode(site, index)
+        crashed.append((server_round, site, stage))
+
+
+@pytest.fixture(scope="module")
+def crashed_study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("faults")
+    deployment = LoopbackDeployment(work, SITES, capture=True)
+    done, crashed = threading.Event(), []
+    try:
+        deployment.start_federation()
+        killer = threading.Thread(target=_crash_and_restart, args=(deployment, done, crashed))
+        killer.start()
+        try:
+            _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 2, "local-epochs": 1,
+                                        "output-dir": str(work / "runs"), "run-name": "crashes",
+                                        "identity-ca": str(deployment.study.ca_cert)})
+        finally:
+            done.set()
+            killer.join()
+        yield deployment, status, crashed
+    finally:
+        deployment.stop()
+        assert not deployment.leftover_processes()
+
+
+def test_each_round_finishes_from_the_survivors_and_says_who_dropped_where(crashed_study):
+    deployment, status, crashed = crashed_study
+    assert [c[0] for c in crashed] == [1, 2], "a crash was not staged"
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    run_dir = deployment.work / "runs" / "crashes"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    for server_round, (index, _) in CRASHES.items():
+        row = rounds[server_round]
+        assert not row["secagg-aborted"] and row["updates-aggregated"] >= len(SITES) - 1, row
+        dropped = {site for sites in row["secagg-dropped"].values() for site in sites}
+        assert dropped == {index}, row["secagg-dropped"]  # the crashed site, and only it
+    # the restarted sites evaluate the final model like the others
+    assert set(rounds[-1]["site-accuracy"]) == {str(k) for k in range(len(SITES))}
+
+
+def test_a_restarted_site_continues_its_ledger_and_accountant_and_passes_its_audit(crashed_study):
+    deployment, _, _ = crashed_study
+    for index, site in enumerate(SITES):
+        state = deployment.work / "state" / site
+        ledger = PrivacyLedger(state / "ledger.sqlite", create=False)
+        spends = ledger.spends()
+        rounds = [e.round for e in spends]
+        assert ledger.verify().ok and rounds == sorted(set(rounds))  # no round spent twice
+        if index == 3:  # killed after its round-1 update left: that spend is on record, then round 2 after restart
+            assert rounds == [1, 2]
+            first, second = spends
+            assert second.steps_total == first.steps_total + second.steps_round  # the accountant went on
+            assert second.epsilon > first.epsilon
+        if index == 1:  # killed before training in round 2: nothing spent there
+            assert rounds == [1]
+        done = carefed("audit", str(state), "--site", "--json", cwd=deployment.work)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
