@@ -72,20 +72,26 @@ class StopSignal:
 STOP = StopSignal()
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[tuple[int, Message]]:
     """Flower's `Grid.send_and_receive` contract (replies in arrival order, at most `timeout` seconds), pulling
-    with back-off and raising RunInterrupted as soon as STOP is set."""
+    with back-off and raising RunInterrupted as soon as STOP is set. Each reply comes with the node its request
+    went to: an error the SuperLink answers for a node (unavailable: it crashed, or its heartbeats stopped) names
+    the SuperLink as its source, and is that node's failure all the same."""
     STOP.check()
+    messages = list(messages)
     if type(grid).send_and_receive not in FLOWER_EXCHANGES:
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
+        return [(reply.metadata.src_node_id, reply) for reply in grid.send_and_receive(messages, timeout=timeout)]
+    # Flower keeps the order and answers None for a message it could not push (nothing: a payload too large)
+    sent = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages, strict=False)
+            if mid is not None}
+    pending = set(sent)
     deadline = time.monotonic() + timeout
     interval = FIRST_PULL_INTERVAL
-    replies: list[Message] = []
+    replies: list[tuple[int, Message]] = []
     while pending:
         STOP.check()
-        arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
+        arrived = [r for r in grid.pull_messages(pending) if r.metadata.reply_to_message_id in pending]
+        replies.extend((sent[r.metadata.reply_to_message_id], r) for r in arrived)
         if arrived:  # the rest of a stage's replies tend to follow close behind
             interval = FIRST_PULL_INTERVAL
         pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)

@@ -216,8 +216,7 @@ class SecAggRound:
                for u, c in requests.items()]
         replies: dict[int, RecordDict] = {}
         answered: set[int] = set()
-        for reply in send_and_receive(self.grid, out, self.config.round_timeout):
-            node = reply.metadata.src_node_id
+        for node, reply in send_and_receive(self.grid, out, self.config.round_timeout):
             if node not in requests or node in answered:
                 continue
             answered.add(node)

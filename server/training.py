@@ -184,8 +184,7 @@ class FederatedTraining:
         out = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
                for node in asked]
         replies: dict[int, RecordDict | str] = {}
-        for reply in send_and_receive(self.grid, out, self.config.round_timeout):
-            node = reply.metadata.src_node_id
+        for node, reply in send_and_receive(self.grid, out, self.config.round_timeout):
             if node not in asked or node in replies:
                 continue
             if reply.has_error():

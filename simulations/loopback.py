@@ -129,16 +129,19 @@ class LoopbackDeployment:
 
     def supernode_command(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
                           insecure: bool = False, name: str | None = None, identity: Path | None = None,
-                          superlink_port: int | None = None) -> list[str]:
+                          superlink_port: int | None = None, max_retries: int | None = 3) -> list[str]:
         """A hospital's SuperNode: the study CA, its own node key, its images, state folder, policy and identity
-        (for secure aggregation) in node config; `superlink_port` reaches the SuperLink another way (a proxy)."""
+        (for secure aggregation) in node config; `superlink_port` reaches the SuperLink another way (a proxy).
+        `max_retries=None` keeps trying to connect and activate, as the docker/ SuperNodes do."""
         folder = self.study.site(site)
         state = self.work / "state" / (name or site)
         node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}" '
                        f'policy="{self.policy_path(site)}" identity="{identity or folder}"')
         command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port or self.port}",
                    "--node-config", node_config,
-                   "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3"]
+                   "--host", "127.0.0.1", "--port", str(free_port())]
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries)]
         if insecure:
             return [*command, "--insecure"]
         return [*command, "--root-certificates", str(ca or folder / "ca.crt"),
@@ -146,10 +149,10 @@ class LoopbackDeployment:
 
     def start_supernode(self, site: str, index: int, *, key: Path | None = None, ca: Path | None = None,
                         insecure: bool = False, name: str | None = None, identity: Path | None = None,
-                        superlink_port: int | None = None) -> str:
+                        superlink_port: int | None = None, max_retries: int | None = 3) -> str:
         name = name or site
         command = self.supernode_command(site, index, key=key, ca=ca, insecure=insecure, name=name,
-                                         identity=identity, superlink_port=superlink_port)
+                                         identity=identity, superlink_port=superlink_port, max_retries=max_retries)
         env_extra = {}
         if self.capture:
             command = [sys.executable, str(CAPTURE_WRAPPER), *command[1:]]

@@ -1,12 +1,14 @@
-"""Hospitals crash in the middle of a deployed study: real SuperLink (TLS, node authentication) and four real
-SuperNodes on 127.0.0.1, each SIGKILLed (with every process it started) at a chosen secure-aggregation stage and
-restarted at once with the same state folder, key and images, and an empty Flower context.
+"""Hospitals crash or restart in the middle of a deployed study: real SuperLink (TLS, node authentication) and
+four real SuperNodes on 127.0.0.1, each stopped at a chosen secure-aggregation stage and started again at once with
+the same state folder, key and images, and an empty Flower context.
 
-Round 1: site 3 is killed right after its masked update left (its ledger entry was committed before that).
-Round 2: site 1 is killed right after its key shares left.
-Each round must finish from the survivors (three of four, the policy's minimum cohort); the run folder must name
-who dropped where; the restarted sites must continue their own accountant and ledger chain (never spending a
-round twice, never losing an entry) and pass `carefed audit`.
+Round 1: site 3 is SIGKILLed with every process it started (a crash) right after its masked update left (its
+ledger entry was committed before that). Flower then waits for two missed heartbeats (about 60 s) before it calls
+the node unavailable and lets it in again.
+Round 2: site 1 is stopped with SIGTERM (a restarted service) right after its key shares left.
+Each round must finish from the survivors (t = 3 of 4); the run folder must name who dropped where; the restarted
+sites must continue their own accountant and ledger chain (never spending a round twice, never losing an entry)
+and pass `carefed audit`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from tests.conftest import carefed
 
 pytestmark = pytest.mark.slow
 SITES = ["site-0", "site-1", "site-2", "site-3"]
-CRASHES = {1: (3, "masked-input"), 2: (1, "share-keys")}  # round -> (site index, stage whose reply has left)
+# round -> (site index, the stage whose reply has just left, how it stops); each is restarted at once
+CRASHES = {1: (3, "masked-input", "SIGKILL"), 2: (1, "share-keys", "SIGTERM")}
 
 
 def _egress(deployment: LoopbackDeployment, site: str) -> list[dict]:
@@ -33,26 +36,44 @@ def _egress(deployment: LoopbackDeployment, site: str) -> list[dict]:
 
 
 def _reply_has_left(deployment: LoopbackDeployment, site: str, server_round: int, stage: str) -> bool:
-    """The site's reply for (round, stage) passed its egress guard and its SuperNode finished pushing it (it
-    went back to polling for messages after its last push)."""
-    if not any(line["round"] == str(server_round) and line["stage"] == stage and line["verdict"] == "sent"
-               for line in _egress(deployment, site)):
+    """The site's reply for (round, stage) passed its egress guard and its SuperNode finished pushing it: one
+    push per reply the guard sent, and the SuperNode back to polling for messages after the last push."""
+    sent = [line for line in _egress(deployment, site) if line["verdict"] == "sent"]
+    if not any(line["round"] == str(server_round) and line["stage"] == stage for line in sent):
         return False
     paths = [path for path, _ in read_capture(str(deployment.work / "capture" / f"{site}.bin"))]
     pushes = [k for k, path in enumerate(paths) if path == "/v1/fleet/push-messages"]
-    return bool(pushes) and "/v1/fleet/pull-messages" in paths[pushes[-1]:]
+    return len(pushes) >= len(sent) and "/v1/fleet/pull-messages" in paths[pushes[-1]:]
+
+
+def _restart(deployment: LoopbackDeployment, site: str, index: int, done: threading.Event) -> None:
+    """Start the site's SuperNode again, and again whenever it exits, until it is active, as docker's restart
+    policy would: Flower 1.42's SuperLink refuses to activate a node it still counts online (until two 30 s
+    heartbeats are missed) and the SuperNode then exits (code 305)."""
+    activations = deployment.log(f"supernode-{site}").count("SuperNode ID:")
+    deployment.start_supernode(site, index)
+    deadline = time.monotonic() + 180
+    while deployment.log(f"supernode-{site}").count("SuperNode ID:") == activations:
+        assert time.monotonic() < deadline and not done.is_set(), f"{site} did not come back"
+        if deployment.processes[f"supernode-{site}"].poll() is not None:
+            time.sleep(2)
+            deployment.start_supernode(site, index)
+        time.sleep(0.2)
 
 
 def _crash_and_restart(deployment: LoopbackDeployment, done: threading.Event, crashed: list) -> None:
-    for server_round, (index, stage) in sorted(CRASHES.items()):
+    for server_round, (index, stage, how) in sorted(CRASHES.items()):
         site = SITES[index]
         while not _reply_has_left(deployment, site, server_round, stage):
             if done.is_set():
                 return
             time.sleep(0.05)
-        deployment.crash(f"supernode-{site}")
-        deployment.start_supernode(site, index)
-        crashed.append((server_round, site, stage))
+        if how == "SIGKILL":
+            deployment.crash(f"supernode-{site}")
+        else:  # a restarted service: Flower's SuperNode deactivates its node on the way out
+            deployment.stop(f"supernode-{site}")
+        _restart(deployment, site, index, done)
+        crashed.append((server_round, site, stage, how))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +87,7 @@ def crashed_study(tmp_path_factory):
         killer.start()
         try:
             _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 2, "local-epochs": 1,
+                                        "secagg-dropout-rate": 0.25,  # t = 3 of 4: one site may drop
                                         "output-dir": str(work / "runs"), "run-name": "crashes",
                                         "identity-ca": str(deployment.study.ca_cert)})
         finally:
@@ -84,7 +106,7 @@ def test_each_round_finishes_from_the_survivors_and_says_who_dropped_where(crash
     run_dir = deployment.work / "runs" / "crashes"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-    for server_round, (index, _) in CRASHES.items():
+    for server_round, (index, _, _) in CRASHES.items():
         row = rounds[server_round]
         assert not row["secagg-aborted"] and row["updates-aggregated"] >= len(SITES) - 1, row
         dropped = {site for sites in row["secagg-dropped"].values() for site in sites}
