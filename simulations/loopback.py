@@ -163,12 +163,14 @@ class LoopbackDeployment:
 
     def start_federation(self, superlink_ports: dict[str, int] | None = None) -> None:
         """Keys, data, the SuperLink, and every site registered and online: ready for `run`. `superlink_ports`:
-        sites that reach the SuperLink through another port (a proxy)."""
+        sites that reach the SuperLink through another port (a proxy); they never stop retrying."""
         self.prepare()
         self.start_superlink()
+        ports = superlink_ports or {}
         for index, site in enumerate(self.sites):
             self.register(site)
-            self.start_supernode(site, index, superlink_port=(superlink_ports or {}).get(site))
+            self.start_supernode(site, index, superlink_port=ports.get(site),
+                                 max_retries=None if site in ports else 3)
         self.wait_online(len(self.sites))
 
     def online_nodes(self) -> int:

@@ -32,8 +32,8 @@ node_config = json.loads(Path(sys.argv[2]).read_text())
 reply = app(Message(content, 101, "train", group_id="1"), Context(run_id=1, node_id=101, node_config=node_config,
             state=RecordDict(), run_config={}))
 print(json.dumps({"records": [] if reply.has_error() else sorted(reply.content.keys()),
-                  "heavy": sorted(m for m in %r if m in sys.modules)}))
-""" % (HEAVY,)
+                  "heavy": sorted(m for m in HEAVY if m in sys.modules)}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def test_a_key_stage_is_answered_without_importing_torch_or_opacus(tmp_path: Path):
