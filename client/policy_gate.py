@@ -79,9 +79,15 @@ def admit(message_type: str, content: RecordDict, context: Context) -> Admission
                             "training only inside a secure-aggregation round")
     _check_cohort(content, policy, request)
     folder = state_dir(context, config, site)
-    if message_type == MessageType.TRAIN:
+    if message_type == MessageType.TRAIN and _opens_a_round(content):
         check_state_dir(folder)
     return Admission(request, policy, config, site, folder, request_round(content))
+
+
+def _opens_a_round(content: RecordDict) -> bool:
+    """A plain training request, or a secure-aggregation round's first stage (before any key is made)."""
+    record = content.get(messages.SECAGG)
+    return record is None or (isinstance(record, ConfigRecord) and record.get("stage") == messages.STAGE_ADVERTISE)
 
 
 def check_state_dir(folder: Path) -> None:

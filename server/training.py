@@ -315,7 +315,7 @@ class FederatedTraining:
         known = {int(k): v for k, v in row["site-accuracy"].items()} | accuracy
         fields = _site_fields(known, row["sites-evaluated"])
         self.folder.amend_round(server_round, fields)
-        log(INFO, "round %3d | %d site(s) evaluated its model | worst-site acc %.4f", server_round, len(known),
+        log(INFO, "round %3d | evaluated at %d site(s) | worst-site acc %.4f", server_round, len(known),
             fields["worst-site-accuracy"])
 
 
