@@ -42,7 +42,7 @@ def measure(sites: int, per_round: int, rounds: int, mode: str, output: Path, se
     scenario.write_text('[config]\npartitioning = "resample"\nsite-size-median = 300\nsite-size-spread = 0.0\n')
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--sites", str(sites), "--per-round",
                str(min(per_round, sites)), "--rounds", str(rounds), "--scenario", str(scenario), "--seed", str(seed),
-               "--output", str(output), "--run-name", name, "--json", *MODES[mode]]
+               "--output", str(output), "--run-name", name, "--format", "json", *MODES[mode]]
     measured = measure_tree(command, capture=True)
     if measured.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({measured.returncode}):\n{measured.stderr[-3000:]}")
