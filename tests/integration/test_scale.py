@@ -41,8 +41,7 @@ def test_a_large_federation_builds_only_sampled_sites_and_replays_its_faults(mak
         cohort = row["sites-sampled"]
         assert len(cohort) == 8 and all(isinstance(s, int) for s in cohort)
         sampled |= set(cohort)
-        # At scale only the cohort is evaluated (300 local evaluations a round would dominate).
-        assert row["sites-evaluated"] == "cohort" and sorted(map(int, row["site-accuracy"])) == cohort
+        assert row["sites-evaluated"] == "cohort"
 
         def lost(site: int, stage: str, probability: float, r=row["round"]) -> bool:
             return _draw(config, r, site, stage) < probability
@@ -62,6 +61,13 @@ def test_a_large_federation_builds_only_sampled_sites_and_replays_its_faults(mak
         assert row["updates-aggregated"] in (0, len(arrived))  # all survivors, or an aborted round
         assert bool(row["secagg-aborted"]) == (row["updates-aggregated"] == 0)
     assert any(row["secagg-dropped"] for row in rounds), "the scenario's faults never fired; pick another seed"
+    # At scale only a cohort evaluates (300 local evaluations a round would dominate): each round's model is
+    # evaluated by the sites that train on it in the next round (their metrics ride on their masked updates;
+    # a straggler's never arrive), and the last model by the last round's cohort, asked once at the end.
+    every_row = _read(run_dir / "metrics.json")["rounds"]
+    for row, following in zip(every_row, every_row[1:], strict=False):
+        assert sorted(map(int, row["site-accuracy"])) == following["sites-trained"], row["round"]
+    assert sorted(map(int, every_row[-1]["site-accuracy"])) == every_row[-1]["sites-sampled"]
 
     # Lazy: a folder (egress log) only for sampled sites, a ledger only for those that trained, nothing for the
     # 280-odd idle ones.
