@@ -139,7 +139,11 @@ class FederatedTraining:
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
             else:
                 log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
+            # a site that dropped before it ever named itself (a key stage, in its first round) is asked to
+            # evaluate the new model: its reply names it, so metrics say which site dropped where
+            unnamed = self._evaluate_sites([n for n in cohort if n not in self.node_site], server_round)
             self._record(server_round, outcome, seconds=time.perf_counter() - started, cohort=cohort)
+            self._amend_sites(server_round, unnamed)
             self.folder.checkpoint(server_round, self.model.state_dict(), self.server_optimizer.state)
         final = nodes if self.config.evaluates_all_sites else cohort
         self._amend_sites(last_round, self._evaluate_sites(final, last_round))
