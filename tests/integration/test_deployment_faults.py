@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -51,24 +50,29 @@ def _restart(deployment: LoopbackDeployment, site: str, index: int, done: thread
     """Start the site's SuperNode again, and again whenever it exits, until it is active, as docker's restart
     policy would: Flower 1.42's SuperLink refuses to activate a node it still counts online (until two 30 s
     heartbeats are missed) and the SuperNode then exits (code 305)."""
-    activations = deployment.log(f"supernode-{site}").count("SuperNode ID:")
+    name = f"supernode-{site}"
+    activations = deployment.log(name).count("SuperNode ID:")
     deployment.start_supernode(site, index)
-    deadline = time.monotonic() + 180
-    while deployment.log(f"supernode-{site}").count("SuperNode ID:") == activations:
-        assert time.monotonic() < deadline and not done.is_set(), f"{site} did not come back"
-        if deployment.processes[f"supernode-{site}"].poll() is not None:
-            time.sleep(2)
+
+    def active() -> bool:
+        if deployment.log(name).count("SuperNode ID:") > activations or done.is_set():
+            return True
+        if deployment.processes[name].poll() is not None:  # refused and exited: the restart policy starts it
             deployment.start_supernode(site, index)
-        time.sleep(0.2)
+        return False
+
+    deployment.wait_until(active, f"{site} to be active again", 180, interval=0.5)
 
 
 def _crash_and_restart(deployment: LoopbackDeployment, done: threading.Event, crashed: list) -> None:
     for server_round, (index, stage, how) in sorted(CRASHES.items()):
         site = SITES[index]
-        while not _reply_has_left(deployment, site, server_round, stage):
-            if done.is_set():
-                return
-            time.sleep(0.05)
+        def left(site=site, server_round=server_round, stage=stage) -> bool:
+            return done.is_set() or _reply_has_left(deployment, site, server_round, stage)
+
+        deployment.wait_until(left, f"{site}'s {stage} reply of round {server_round}", 900, interval=0.05)
+        if done.is_set():
+            return
         if how == "SIGKILL":
             deployment.crash(f"supernode-{site}")
         else:  # a restarted service: Flower's SuperNode deactivates its node on the way out

@@ -236,12 +236,12 @@ def test_a_deployed_site_without_its_own_state_folder_or_policy_refuses_every_re
 # ===== a site's state folder turns read-only or fills up: it refuses to train, and nothing it holds is lost ======
 @pytest.fixture
 def small_mount(tmp_path):
-    """A real tmpfs of 24 MiB (mounting needs root with CAP_SYS_ADMIN, as in CI here); unmounted afterwards."""
+    """A real tmpfs of 24 MiB, unmounted afterwards. Mounting needs root with CAP_SYS_ADMIN, which CI has here:
+    without it the test fails (it is not skipped), so a missing check is never mistaken for a passing one."""
     point = tmp_path / "mount"
     point.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.decode().strip()}"
     try:
         yield point
     finally:
@@ -306,3 +306,17 @@ def test_a_ledger_entry_that_cannot_be_committed_withholds_the_update(site_root,
                                     for r in from_failing)
     for node in (FIRST_NODE + 1, FIRST_NODE + 2):
         assert len(PrivacyLedger(Path(str(sites[node]["state-dir"])) / "ledger.sqlite").spends()) == 1
+
+
+@pytest.mark.slow
+def test_a_site_that_keeps_its_metrics_sends_none_with_its_updates(site_root, tmp_path):
+    """Evaluation now rides on the masked-input reply: a site whose policy keeps its metrics must not let them out
+    that way either. The real server, one round; no reply from any site carries evaluation metrics."""
+    sites = _sites(site_root, tmp_path, dataclasses.replace(POLICY, send_evaluation_metrics=False))
+    grid = DeployedGrid(sites)
+    config, _ = _honest(tmp_path, **{"num-server-rounds": 1, "local-epochs": 1})
+    FederatedTraining(grid, config).run()
+    rounds = json.loads((tmp_path / "runs" / "study-run" / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["updates-aggregated"] == 3  # they trained
+    assert all(row["site-accuracy"] == {} for row in rounds)
+    assert grid.replies and not any(messages.EVAL_METRICS in r.content for r in grid.replies if not r.has_error())
