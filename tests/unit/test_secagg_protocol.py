@@ -58,9 +58,12 @@ def test_decoded_sum_is_the_survivors_sum_or_the_round_aborts(data, n: int, leng
     assert np.all(np.abs(decoded - expected) <= len(u3) * codec.resolution + 1e-9)
 
 
-@pytest.mark.parametrize(("n", "degree", "drops"), [(20, 8, 0), (40, 10, 3), (60, 12, 5)])
+@pytest.mark.parametrize(("n", "degree", "drops"), [(20, 8, 0), (40, 10, 3), (60, 12, 4)])
 def test_sparse_secagg_plus_graph_also_cancels(n: int, degree: int, drops: int):
     config = ProtocolConfig(server_round=1, vector_length=16, graph_degree=degree, dropout_rate=0.34)
+    # The graph is drawn from the session's random id, so all `drops` may land in one neighbourhood: the round is
+    # only guaranteed to finish while that still leaves t holders there (more is the abort tested elsewhere).
+    assert drops <= degree + 1 - threshold(degree + 1, config.dropout_rate, config.colluding)
     inputs = {u: np.full(16, u, np.uint32) for u in range(1, n + 1)}
     dropped = list(range(1, n + 1, n // max(drops, 1)))[:drops]
     total, trace, clients = run_round(config, inputs, drop_before_masking=dropped)
