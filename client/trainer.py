@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -75,17 +75,18 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     if privacy is None:
         return _train_without_dp(model, data, config, generator)
     global_weights = _weights(model)
+    trained, data = trained_part(model, data)
     uniforms, secure = _randomness(generator, secure_noise)
     steps = _batches_per_epoch(data.num_train, config.batch_size, privacy)
     _check_epochs(config.local_epochs, steps, privacy)
     sampler = PoissonSampler(data.num_train, privacy.sample_rate, steps, uniforms)
     accountant = privacy.accountant()
-    fused = choose_engine(model, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=False,
-                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(model)),
+    fused = choose_engine(trained, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=False,
+                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(trained)),
                           steps=privacy.steps_per_round, fresh_process=fresh_process)
     losses = []
-    with _private(model, "mean", hooks=fused is None) as module:
-        optimizer = _dp_optimizer(model, config, privacy, data.num_train, generator, secure)
+    with _private(trained, "mean", hooks=fused is None) as module:
+        optimizer = _dp_optimizer(trained, config, privacy, data.num_train, generator, secure)
         if fused is not None:
             fused.attach(optimizer)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
@@ -111,15 +112,17 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     _, images_of = patient_index(data.train_patients)
     _batches_per_epoch(len(images_of), patients_per_batch(config, data), privacy)
     global_weights = _weights(model)
+    trained, data = trained_part(model, data)
     uniforms, secure = _randomness(generator, secure_noise)
     sampler = PoissonSampler(len(images_of), privacy.sample_rate, privacy.steps_per_round, uniforms)
     accountant = privacy.accountant()
     largest = max((len(images) for images in images_of), default=1)
-    fused = choose_engine(model, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=True,
-                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(model), largest_unit=largest),
+    fused = choose_engine(trained, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=True,
+                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(trained),
+                                                     largest_unit=largest),
                           steps=privacy.steps_per_round, fresh_process=fresh_process)
-    with _private(model, "sum", hooks=fused is None) as module:
-        optimizer = _dp_optimizer(model, config, privacy, len(images_of), generator, secure)
+    with _private(trained, "sum", hooks=fused is None) as module:
+        optimizer = _dp_optimizer(trained, config, privacy, len(images_of), generator, secure)
         if fused is not None:
             fused.attach(optimizer)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
@@ -162,20 +165,34 @@ def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
     """The non-private baseline: shuffled fixed-size batches, plain SGD."""
     device = next(model.parameters()).device
     global_weights = _weights(model)
+    trained, data = trained_part(model, data)
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size, shuffle=True,
                         generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.step_size, momentum=config.momentum)
-    model.train()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=config.step_size, momentum=config.momentum)
+    trained.train()
     losses = []
     for _ in range(config.local_epochs):
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            loss = nn.functional.cross_entropy(trained(x.to(device)), y.to(device))
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
     return LocalUpdate(_delta(model, global_weights), data.num_train, sum(losses) / max(len(losses), 1),
                        len(losses))
+
+
+def trained_part(model: nn.Module, data: SiteData) -> tuple[nn.Module, SiteData]:
+    """What training updates, and the inputs it sees. A model with a fixed, parameter-free `frontend`
+    (common.models.ScatterNet) trains its `head` on the frontend's features, computed here once per round (no
+    gradient, no labels): the same function of the images as head(frontend(x)), at a fraction of the cost."""
+    frontend = getattr(model, "frontend", None)
+    if frontend is None:
+        return model, data
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        features = [frontend(chunk.to(device)).to(data.train_x.device) for chunk in data.train_x.split(512)]
+    return model.head, replace(data, train_x=torch.cat(features))
 
 
 def _batches_per_epoch(num_units: int, units_per_batch: int, privacy: SitePrivacy) -> int:

@@ -15,14 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.study import PrivacySection, RequestError, SecAggSection, SiteRequest, StudySection, check_name
+from common.study import (
+    MODELS,
+    PrivacySection,
+    RequestError,
+    SecAggSection,
+    SiteRequest,
+    StudySection,
+    check_name,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = PROJECT_ROOT / "pyproject.toml"
 
 PARTITIONINGS = ("auto", "iid", "dirichlet", "resample")
 SITE_EVALUATIONS = ("auto", "all", "cohort")
-MODELS = ("cnn", "resnet18")
 DP_SGD_ENGINES = ("auto", "fused", "opacus")  # client.fused_dp: compiled per-sample gradients, or Opacus's hooks
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")  # server.aggregation.ServerOptimizer
 PRIVACY_UNITS = ("image", "patient")

@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from common.errors import ConfigError
+from common.study import MODELS
 
 
 class GroupNormCNN(nn.Module):
@@ -28,6 +29,53 @@ class GroupNormCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class FixedScattering(nn.Module):
+    """A 2D scattering transform (Mallat; kymatio's torch frontend) with J=2 and L=8 angles: 81 channels per input
+    channel at a quarter of the resolution. Its filters are fixed and data-independent, so it has no parameters and
+    nothing here is sent, aggregated or accounted: the filters are non-persistent buffers, out of the state dict."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        # kymatio's top-level import pulls in its 3D code, which fails on scipy >= 1.15 (kymatio issue 1068); the
+        # 2D frontend imports on its own.
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        class Transform(ScatteringTorch2D):
+            def register_single_filter(self, v, n):
+                current_filter = torch.from_numpy(v).unsqueeze(-1)
+                self.register_buffer("tensor" + str(n), current_filter, persistent=False)
+                return current_filter
+
+        self.transform = Transform(J=SCATTERING_SCALES, shape=(image_size, image_size), L=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.transform(x.contiguous())  # (N, C, 81, H/4, W/4)
+        return features.flatten(1, 2)
+
+
+SCATTERING_SCALES = 2
+SCATTERING_CHANNELS = 81  # 1 + J L + L^2 J (J - 1) / 2 for J = 2, L = 8
+
+
+class ScatterNet(nn.Module):
+    """Tramer and Boneh (2021), "Differentially private learning needs better features": fixed scattering features,
+    GroupNorm without learned parameters (per image, so samples stay independent), and a linear classifier.
+
+    `frontend` is the fixed, parameter-free part: client.trainer computes it once per round over the site's images
+    (no gradient, no labels) and trains `head` on the features, so DP-SGD clips and noises only the head's
+    gradients, exactly what it would for head(frontend(x)) since the frontend has no parameters."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        channels, side = in_channels * SCATTERING_CHANNELS, image_size // 2**SCATTERING_SCALES
+        self.frontend = FixedScattering(image_size)
+        self.head = nn.Sequential(nn.GroupNorm(27 * in_channels, channels, affine=False), nn.Flatten(),
+                                  nn.Linear(channels * side * side, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.frontend(x))
 
 
 @functools.cache  # one class, built on first use: torchvision is imported only for ResNet
@@ -70,13 +118,18 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
         if image_size < 4:
             raise ConfigError("model", name, f"needs images of at least 4x4, got {image_size}", "Use larger images.")
         model: nn.Module = GroupNormCNN(in_channels, num_classes, image_size)
+    elif name == "scatternet":
+        if image_size % 2**SCATTERING_SCALES:
+            raise ConfigError("model", name, f"needs images whose side is a multiple of 4, got {image_size}",
+                              "Use 28x28 or 64x64 images, or the CNN.")
+        model = ScatterNet(in_channels, num_classes, image_size)
     elif name == "resnet18":
         model = resnet18_groupnorm(in_channels, num_classes)
     else:
-        raise ConfigError("model", name, "unknown model", "Use 'cnn' or 'resnet18'.")
+        raise ConfigError("model", name, "unknown model", f"Use one of {MODELS}.")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        raise ConfigError("model", name, f"is not valid for Opacus: {errors}", "Use 'cnn' or 'resnet18'.")
+        raise ConfigError("model", name, f"is not valid for Opacus: {errors}", f"Use one of {MODELS}.")
     return model
 
 

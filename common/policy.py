@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import CareFedError
-from common.study import PrivacySection, SecAggSection, StudySection
+from common.study import MODELS, PrivacySection, SecAggSection, StudySection
 
 PRIVACY_UNITS = ("image", "patient")  # weakest first: a patient-level policy refuses image-level training
 # Hard ceilings on what a policy itself may allow: they keep noise calibration bounded in time and memory
@@ -56,7 +56,7 @@ class SitePolicy:
     min_neighbours: int = 2
     max_dropout_rate: float = 0.4
     max_cohort: int = 1000
-    models: tuple[str, ...] = ("cnn", "resnet18")
+    models: tuple[str, ...] = MODELS
     send_evaluation_metrics: bool = True
 
     @classmethod

@@ -51,6 +51,7 @@ class Partitioning(StrEnum):
 
 class Model(StrEnum):
     cnn = "cnn"
+    scatternet = "scatternet"
     resnet18 = "resnet18"
 
 

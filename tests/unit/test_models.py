@@ -35,3 +35,25 @@ def test_same_seed_same_initial_weights_on_both_sides():
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="'model' = 'vgg'"):
         build_model("vgg", in_channels=1, num_classes=10, image_size=28)
+
+
+@pytest.mark.parametrize(("channels", "side"), [(1, 28), (3, 64)])
+def test_scatternet_sends_only_its_head_and_its_features_are_fixed(channels: int, side: int):
+    """The scattering filters are data-independent constants: no parameters, nothing in the state dict (so nothing
+    is sent, masked or aggregated), the same output for the same image whatever else is in the batch."""
+    model = build_model("scatternet", in_channels=channels, num_classes=7, image_size=side)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not list(model.frontend.parameters()) and list(model.frontend.buffers())
+    assert sorted(model.state_dict()) == ["head.2.bias", "head.2.weight"]
+    assert count_parameters(model) == (81 * channels * (side // 4) ** 2 + 1) * 7
+    images = torch.rand(5, channels, side, side) * 2 - 1
+    alone = model.frontend(images[:1])
+    assert alone.shape == (1, 81 * channels, side // 4, side // 4)
+    torch.testing.assert_close(model.frontend(images)[:1], alone)
+    again = build_model("scatternet", in_channels=channels, num_classes=7, image_size=side)
+    torch.testing.assert_close(again.frontend(images), model.frontend(images), rtol=0, atol=0)
+
+
+def test_scatternet_needs_a_side_divisible_by_four():
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        build_model("scatternet", in_channels=1, num_classes=10, image_size=30)

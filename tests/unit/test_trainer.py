@@ -184,3 +184,35 @@ def test_a_round_with_other_local_epochs_than_calibrated_is_refused(make_config)
         train_locally(_tiny_model(), _tiny_site(640), make_config(batch_size=64, local_epochs=3), privacy,
                       torch.Generator().manual_seed(0))
     assert privacy.history == []
+
+
+class _EndToEnd(nn.Module):
+    """A ScatterNet seen as one network (no `frontend` attribute): Opacus's hooks train it on the images."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.scattering, self.classifier = model.frontend, model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.scattering(x))
+
+
+@pytest.mark.parametrize("engine", ["fused", "opacus"])
+def test_scatternet_trains_its_head_on_features_exactly_as_end_to_end_dp_sgd(make_config, engine: str):
+    """Features computed once per round are the same function of the images as the whole network: the update, the
+    noise and the accounted steps equal Opacus's per-sample clipping over head(frontend(image))."""
+    n, batch = 48, 16
+    site = _site(list(range(n)))
+    config = make_config(batch_size=batch, local_epochs=1, dp_sgd_engine=engine)
+    torch.manual_seed(1)
+    ours = build_model("scatternet", in_channels=1, num_classes=10, image_size=28)
+    reference = _EndToEnd(build_model("scatternet", in_channels=1, num_classes=10, image_size=28))
+    reference.load_state_dict({k.replace("head.", "classifier."): v for k, v in ours.state_dict().items()})
+    mine, theirs = _privacy_for(n, batch, 1), _privacy_for(n, batch, 1)
+    update = train_locally(ours, site, config, mine, torch.Generator().manual_seed(4))
+    expected = train_locally(reference, site, config.replace(dp_sgd_engine="opacus"), theirs,
+                             torch.Generator().manual_seed(4))
+    assert sorted(update.delta) == ["head.2.bias", "head.2.weight"]
+    for key, value in update.delta.items():
+        torch.testing.assert_close(value, expected.delta[key.replace("head.", "classifier.")], rtol=1e-4, atol=1e-6)
+    assert mine.history == theirs.history and update.steps == expected.steps == math.ceil(n / batch)
