@@ -5,6 +5,7 @@ Server and clients build the model from the same config, so state-dict keys alwa
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -38,17 +39,7 @@ class FixedScattering(nn.Module):
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
-        # kymatio's top-level import pulls in its 3D code, which fails on scipy >= 1.15 (kymatio issue 1068); the
-        # 2D frontend imports on its own.
-        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
-        class Transform(ScatteringTorch2D):
-            def register_single_filter(self, v, n):
-                current_filter = torch.from_numpy(v).unsqueeze(-1)
-                self.register_buffer("tensor" + str(n), current_filter, persistent=False)
-                return current_filter
-
-        self.transform = Transform(J=SCATTERING_SCALES, shape=(image_size, image_size), L=8)
+        self.transform = copy.deepcopy(_scattering(image_size))  # a copy: each model moves its own to a device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.transform(x.contiguous())  # (N, C, 81, H/4, W/4)
@@ -57,6 +48,21 @@ class FixedScattering(nn.Module):
 
 SCATTERING_SCALES = 2
 SCATTERING_CHANNELS = 81  # 1 + J L + L^2 J (J - 1) / 2 for J = 2, L = 8
+
+
+@functools.cache  # building the filter bank takes ~60 ms; a site builds the study's model every round
+def _scattering(image_size: int) -> nn.Module:
+    # kymatio's top-level import pulls in its 3D code, which fails on scipy >= 1.15 (kymatio issue 1068); the 2D
+    # frontend imports on its own.
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    class Transform(ScatteringTorch2D):
+        def register_single_filter(self, v, n):
+            current_filter = torch.from_numpy(v).unsqueeze(-1)
+            self.register_buffer("tensor" + str(n), current_filter, persistent=False)
+            return current_filter
+
+    return Transform(J=SCATTERING_SCALES, shape=(image_size, image_size), L=8)
 
 
 class ScatterNet(nn.Module):

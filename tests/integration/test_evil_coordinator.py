@@ -41,6 +41,12 @@ STRICT = dataclasses.replace(POLICY, min_neighbours=4)  # SecAgg+ graphs: at lea
 SESSION_STATE = "carefed.secagg-session"
 
 
+@pytest.fixture
+def make_config(make_config):
+    """These attacks are on the gate and the protocol, with the CNN the policies here name (any model would do)."""
+    return lambda **overrides: make_config(**{"model": "cnn", **overrides})
+
+
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,12 @@ PLAIN = dataclasses.replace(STRICT, secagg_required=False, lifetime_epsilon=20.0
 PLAIN_NODE = {"allow-plain-updates": "true"}
 
 
+@pytest.fixture
+def make_config(make_config):
+    """These attacks are on the gate and the protocol, with the CNN the policies here name (any model would do)."""
+    return lambda **overrides: make_config(**{"model": "cnn", **overrides})
+
+
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,6 @@ def test_secure_aggregation_gives_plain_fedavg_of_the_same_dp_updates(make_confi
     assert max_diff <= bound, (max_diff, bound)
     # and the round did move the model far more than that (the comparison is not vacuous)
     torch.manual_seed(config.seed)
-    initial = build_model("cnn", in_channels=1, num_classes=10, image_size=28).state_dict()
+    initial = build_model(config.model, in_channels=1, num_classes=10, image_size=28).state_dict()
     moved = max(float(np.abs(plain[k] - initial[k].numpy()).max()) for k in plain)
     assert moved > 100 * bound

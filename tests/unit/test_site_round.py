@@ -17,7 +17,7 @@ def _content(config, server_round: int = 1) -> RecordDict:
     aggregation (a site whose policy requires it refuses such a request: see test_evil_coordinator)."""
     config = config.replace(secagg=False)
     request = config.site_request(num_classes=10, channels=1, image_size=28)
-    model = ArrayRecord(build_model("cnn", in_channels=1, num_classes=10, image_size=28).state_dict())
+    model = ArrayRecord(build_model(config.model, in_channels=1, num_classes=10, image_size=28).state_dict())
     return request_content(request, server_round, model, simulation=config)
 
 
