@@ -1,6 +1,6 @@
 """Privacy-utility sweep: the default study without DP and at target epsilon 1, 3 and 8 (delta 1e-5).
 
-    python -m simulations.sweep_privacy [--epsilons 1 3 8] [--output runs/sweep] [--scenario FILE]
+    python -m simulations.sweep_privacy [--epsilons 1 3 8] [--output runs/sweep] [--scenario FILE] [--no-baseline]
                                         [--run-config "server-optimizer='fedavgm' server-momentum=0.5"]
 
 Every arm runs through Flower's simulation engine with the same data, partition, model init and rounds; only
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--output", type=Path, default=Path("runs") / f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}")
     parser.add_argument("--scenario", type=Path, default=None)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the no-DP arm (tuning DP settings only)")
     parser.add_argument("--run-config", action="append", default=[],
                         help="run-config overrides for every arm, as `flwr run --run-config` takes them")
     args = parser.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
 
     common = dict(parse_config_args(args.run_config))
 
-    arms: list[tuple[str, dict]] = [("no DP", {"dp": False})]
+    arms: list[tuple[str, dict]] = [] if args.no_baseline else [("no DP", {"dp": False})]
     arms += [(f"epsilon {eps:g}", {"dp": True, "target-epsilon": eps}) for eps in args.epsilons]
     rows = []
     for name, overrides in arms:
