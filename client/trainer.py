@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.fused_dp import ChunkSizes, FusedClipping, choose_engine
 from common.config import RunConfig
 from common.data import SiteData
-from common.models import count_parameters
+from common.models import count_parameters, trained_part
 from common.privacy import SitePrivacy
 from common.privacy.secure_noise import SecureNoise, SecureNoiseDPOptimizer
 
@@ -75,7 +75,7 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     if privacy is None:
         return _train_without_dp(model, data, config, generator)
     global_weights = _weights(model)
-    trained, data = trained_part(model, data)
+    trained, data = _on_features(model, data)
     uniforms, secure = _randomness(generator, secure_noise)
     steps = _batches_per_epoch(data.num_train, config.batch_size, privacy)
     _check_epochs(config.local_epochs, steps, privacy)
@@ -112,7 +112,7 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     _, images_of = patient_index(data.train_patients)
     _batches_per_epoch(len(images_of), patients_per_batch(config, data), privacy)
     global_weights = _weights(model)
-    trained, data = trained_part(model, data)
+    trained, data = _on_features(model, data)
     uniforms, secure = _randomness(generator, secure_noise)
     sampler = PoissonSampler(len(images_of), privacy.sample_rate, privacy.steps_per_round, uniforms)
     accountant = privacy.accountant()
@@ -165,7 +165,7 @@ def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
     """The non-private baseline: shuffled fixed-size batches, plain SGD."""
     device = next(model.parameters()).device
     global_weights = _weights(model)
-    trained, data = trained_part(model, data)
+    trained, data = _on_features(model, data)
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size, shuffle=True,
                         generator=generator)
     optimizer = torch.optim.SGD(trained.parameters(), lr=config.step_size, momentum=config.momentum)
@@ -182,17 +182,11 @@ def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
                        len(losses))
 
 
-def trained_part(model: nn.Module, data: SiteData) -> tuple[nn.Module, SiteData]:
-    """What training updates, and the inputs it sees. A model with a fixed, parameter-free `frontend`
-    (common.models.ScatterNet) trains its `head` on the frontend's features, computed here once per round (no
-    gradient, no labels): the same function of the images as head(frontend(x)), at a fraction of the cost."""
-    frontend = getattr(model, "frontend", None)
-    if frontend is None:
-        return model, data
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        features = [frontend(chunk.to(device)).to(data.train_x.device) for chunk in data.train_x.split(512)]
-    return model.head, replace(data, train_x=torch.cat(features))
+def _on_features(model: nn.Module, data: SiteData) -> tuple[nn.Module, SiteData]:
+    """What training updates, and the training inputs it sees (common.models.trained_part: ScatterNet's head on
+    features computed once per round)."""
+    trained, inputs = trained_part(model, data.train_x)
+    return trained, data if inputs is data.train_x else replace(data, train_x=inputs)
 
 
 def _batches_per_epoch(num_units: int, units_per_batch: int, privacy: SitePrivacy) -> int:

@@ -139,5 +139,18 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     return model
 
 
+def trained_part(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The part of `model` that has parameters, and its input for `images`. A model with a fixed, parameter-free
+    `frontend` (ScatterNet) gets its features computed here (no gradient, no labels), to be reused across steps,
+    epochs or rounds: head(features) is head(frontend(images)). Any other model is itself, on the images."""
+    frontend = getattr(model, "frontend", None)
+    if frontend is None:
+        return model, images
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        features = [frontend(chunk.to(device)).to(images.device) for chunk in images.split(512)]
+    return model.head, torch.cat(features)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

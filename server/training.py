@@ -21,7 +21,7 @@ from common import messages
 from common.config import RunConfig
 from common.data.site import check_partitions, global_model, load_source_for, resolve_partitioning, to_tensor
 from common.evaluation import evaluate_model
-from common.models import count_parameters
+from common.models import count_parameters, trained_part
 from common.replies import ReplyRefused, check_reply, stage_of
 from common.secagg.identity import IdentityVerifier, enrol_virtual_sites
 from common.secagg.protocol import graph_for_cohort
@@ -81,7 +81,9 @@ class FederatedTraining:
         # Virtual sites (Flower's in-memory grid) also get the whole run config: their partitions, faults, run
         # folder. A deployed site refuses any request that carries it.
         self.simulated = isinstance(grid, InMemoryGrid)
-        self.test_x, self.test_y = to_tensor(source.test.images), torch.from_numpy(source.test.labels)
+        # The global test set, as the model's trained part sees it (ScatterNet's fixed features: computed once)
+        self.scored, self.test_x = trained_part(self.model, to_tensor(source.test.images))
+        self.test_y = torch.from_numpy(source.test.labels)
         self.rng = random.Random(config.seed)
         self.exhausted: set[int] = set()  # node ids whose privacy budget cannot afford another round
         self.node_site: dict[int, int] = {}
@@ -287,7 +289,7 @@ class FederatedTraining:
     def _record(self, server_round: int, outcome: RoundOutcome, seconds: float = 0.0,
                 cohort: Iterable[int] = ()) -> None:
         """The round's row; its sites' accuracies follow (`_amend_sites`) when they evaluate its model."""
-        loss, acc = evaluate_model(self.model, self.test_x, self.test_y)
+        loss, acc = evaluate_model(self.scored, self.test_x, self.test_y)
         latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
         row: dict[str, Any] = {
             "round": server_round,
