@@ -1,6 +1,6 @@
 """One local epoch of DP-SGD, by each way of computing its clipped sums, against the same epoch without DP.
 
-    python -m simulations.benchmarks.dp_epoch [--models cnn resnet18] [--repeats 5] [--threads 1] [--json]
+    python -m simulations.benchmarks.dp_epoch [--models cnn scatternet resnet18] [--repeats 5] [--threads 1] [--json]
 
 Arms, side by side in one run, on the same site data (the embedded pool as one site; ResNet-18 on a subset, it is
 slow on a CPU) with the same expected batch size:
@@ -31,6 +31,7 @@ from common.data import SiteData, load_site_data
 from common.logs import tidy_logging
 from common.models import build_model
 from common.privacy import SitePrivacy
+from common.study import MODELS
 
 ARMS = ("no-dp", "no-dp-compiled", "opacus", "fused")
 
@@ -81,7 +82,7 @@ def measure(model_name: str, images: int, repeats: int, batch_size: int, device:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["cnn"], choices=["cnn", "resnet18"])
+    parser.add_argument("--models", nargs="+", default=["cnn"], choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
