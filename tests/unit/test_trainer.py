@@ -157,15 +157,18 @@ def test_seeded_training_reproduces_and_secure_noise_ignores_the_generator(make_
     assert not torch.equal(first, delta(generator, True))
 
 
-def test_patient_level_with_secure_noise_accounts_its_steps_and_leaves_the_generator_alone(make_config):
+@pytest.mark.parametrize("model_name", ["cnn", "scatternet"])
+def test_patient_level_with_secure_noise_accounts_its_steps_and_leaves_the_generator_alone(make_config,
+                                                                                          model_name: str):
     config = make_config(batch_size=4, local_epochs=1)
     data = _site([0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 7, 7])  # 8 patients, 1.5 images each: 3 patients per batch
     privacy = SitePrivacy(8.0, 1e-5, 1.1, 1 / 3, 3, 1.0, 2)  # calibrate_site: ceil(8 patients / 3) steps
     generator = torch.Generator().manual_seed(0)
     untouched = generator.get_state().clone()
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
+    model = build_model(model_name, in_channels=1, num_classes=10, image_size=28)
     update = train_patient_level(model, data, config, privacy, generator, secure_noise=True)
     assert update.steps == 3 and privacy.history == [(1.1, 1 / 3, 3)]
+    assert update.delta.keys() == model.state_dict().keys() and any(d.abs().sum() > 0 for d in update.delta.values())
     assert torch.equal(generator.get_state(), untouched)
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
 
