@@ -35,6 +35,19 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")  # server.aggregation.Serve
 PRIVACY_UNITS = ("image", "patient")
 
 
+PARTICIPATION_QUANTILE = 0.9
+
+
+def participation_quantile(rounds: int, rate: float, quantile: float = PARTICIPATION_QUANTILE) -> int:
+    """The smallest k >= 1 with P(Binomial(rounds, rate) <= k) >= quantile."""
+    cumulative = 0.0
+    for k in range(rounds + 1):
+        cumulative += math.comb(rounds, k) * rate**k * (1 - rate) ** (rounds - k)
+        if cumulative >= quantile:
+            return max(k, 1)
+    return rounds
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every knob of a run. Field `foo_bar` is the run-config key `foo-bar`."""
@@ -173,7 +186,17 @@ class RunConfig:
 
     @property
     def planned_rounds(self) -> int:
-        return self.privacy_planned_rounds or self.num_server_rounds
+        """The rounds each site's noise is calibrated for: `privacy-planned-rounds`, or (0) the rounds a site
+        expects to train in. When every site trains every round that is all of them; when the server samples
+        `sites-per-round` of `num-sites` it is the 90% quantile of Binomial(rounds, sites-per-round / num-sites):
+        calibrating for every round would leave a site that trains in a few far below its budget (more noise for
+        nothing). A site sampled more often than that refuses once its budget is spent (the budget check before
+        training), and the server stops sampling it, so the guarantee never depends on this estimate."""
+        if self.privacy_planned_rounds:
+            return self.privacy_planned_rounds
+        if self.sites_per_round in (0, self.num_sites):
+            return self.num_server_rounds
+        return participation_quantile(self.num_server_rounds, self.sites_per_round / self.num_sites)
 
     def validate(self) -> None:
         """Check ranges; raise ConfigError naming the key, the value and the fix."""

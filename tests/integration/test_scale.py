@@ -29,6 +29,7 @@ def test_a_large_federation_builds_only_sampled_sites_and_replays_its_faults(mak
     # The cohort depends on Flower's random node ids; the fault draws are seeded per (round, site), so the test
     # predicts each round's outcome from its cohort. With these rates a run without any straggler has p < 0.002.
     config = make_config(num_sites=300, sites_per_round=8, num_server_rounds=3, site_epsilons="3,8",
+                         privacy_planned_rounds=3,  # noise for every round: a resampled straggler never refuses
                          dropout_share_keys=0.1, dropout_masked_input=0.1, straggler_probability=0.3,
                          secagg_dropout_rate=0.45, run_name="large")  # sites refuse d >= 0.5
     run_dir = run_simulation(config)

@@ -1,8 +1,16 @@
+import math
 from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig, default_values, load_scenario, resolve
+from common.config import (
+    PARTICIPATION_QUANTILE,
+    RunConfig,
+    default_values,
+    load_scenario,
+    participation_quantile,
+    resolve,
+)
 from common.errors import ConfigError
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
@@ -97,3 +105,18 @@ def test_simulate_takes_any_key_from_run_config_and_names_the_wrong_one(tmp_path
                    timeout=120)
     assert path.returncode == 2 and "'run-name' = '../x'" in path.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_noise_is_calibrated_for_the_rounds_a_sampled_site_expects_to_train(make_config):
+    assert make_config(num_sites=10, num_server_rounds=15).planned_rounds == 15  # every site, every round
+    assert make_config(num_sites=10, sites_per_round=10, num_server_rounds=15).planned_rounds == 15
+    # 20 of 100 per round for 6 rounds: P(Binomial(6, 0.2) <= 2) = 0.901 >= 0.9 > P(<= 1) = 0.655
+    assert make_config(num_sites=100, sites_per_round=20, num_server_rounds=6).planned_rounds == 2
+    assert make_config(num_sites=1000, sites_per_round=20, num_server_rounds=10).planned_rounds == 1
+    assert make_config(num_sites=100, sites_per_round=20, num_server_rounds=6,
+                       privacy_planned_rounds=6).planned_rounds == 6  # an explicit plan wins
+    for rounds, rate in [(6, 0.2), (10, 0.02), (40, 0.5), (3, 0.9)]:
+        k = participation_quantile(rounds, rate)
+        below = sum(math.comb(rounds, j) * rate**j * (1 - rate) ** (rounds - j) for j in range(k))
+        assert below < PARTICIPATION_QUANTILE <= below + math.comb(rounds, k) * rate**k * (1 - rate) ** (rounds - k) \
+            or k == 1
