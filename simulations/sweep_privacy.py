@@ -53,7 +53,7 @@ def final_accuracy(config: RunConfig, run_dir: Path, images: ImageSet) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="none: the no-DP arm only")
     parser.add_argument("--output", type=Path, default=Path("runs") / f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}")
     parser.add_argument("--scenario", type=Path, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-DP arm (tuning DP settings only)")
