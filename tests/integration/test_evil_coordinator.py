@@ -65,7 +65,7 @@ def _sites(root: Path, tmp_path: Path, policy: SitePolicy = POLICY) -> dict[int,
 
 def _honest(tmp_path: Path, **overrides: object):
     config = resolve(overrides={"run-name": "study-run", "output-dir": str(tmp_path / "runs"), "num-sites": 3,
-                                **overrides})
+                                "model": "cnn", **overrides})
     model = global_model(config)
     return config, model
 

@@ -89,7 +89,7 @@ def _sites(data_root: Path, tmp_path: Path, policy: SitePolicy = STRICT, **node:
 
 def _config(tmp_path: Path, **overrides: object):
     values = {"run-name": "study-run", "output-dir": str(tmp_path / "runs"), "num-sites": 3, "local-epochs": 1,
-              "num-server-rounds": 2, "target-epsilon": 8.0, "secagg-identities": False}
+              "num-server-rounds": 2, "target-epsilon": 8.0, "secagg-identities": False, "model": "cnn"}
     return resolve(overrides={**values, **overrides})
 
 
@@ -215,7 +215,7 @@ def _section_mutation(draw) -> tuple[str, str, str, object]:
 
 @lru_cache(maxsize=1)
 def _fuzz_config():
-    return resolve(overrides={"run-name": "fuzz-run", "num-sites": 3, "secagg-identities": False})
+    return resolve(overrides={"run-name": "fuzz-run", "num-sites": 3, "secagg-identities": False, "model": "cnn"})
 
 
 def _apply(content: RecordDict, section: str, action: str, key: str, value: object) -> RecordDict:
@@ -512,7 +512,7 @@ def test_a_malformed_share_keys_record_is_aborted_by_name(defect, data_root, tmp
 
 @settings(max_examples=120, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(sorted(_advertise_record(resolve(overrides={"num-sites": 3, "secagg-identities": False})))),
+@given(key=st.sampled_from(sorted(_advertise_record(_fuzz_config()))),
        value=SCALARS,
        delete=st.booleans())
 def test_a_fuzzed_advertise_record_never_crashes_the_site(key, value, delete, data_root, tmp_path):
