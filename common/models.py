@@ -74,9 +74,10 @@ class ScatterNet(nn.Module):
     """Tramer and Boneh (2021), "Differentially private learning needs better features": fixed scattering features,
     GroupNorm without learned parameters (per image, so samples stay independent), and a linear classifier.
 
-    `frontend` is the fixed, parameter-free part: client.trainer computes it once per round over the site's images
-    (no gradient, no labels) and trains `head` on the features, so DP-SGD clips and noises only the head's
-    gradients, exactly what it would for head(frontend(x)) since the frontend has no parameters."""
+    `frontend` is the fixed, parameter-free part: `trained_part` computes it over a site's images (no gradient, no
+    labels; cached by content in each process) and client.trainer trains `head` on the features, so DP-SGD clips
+    and noises only the head's gradients, exactly what it would for head(frontend(x)): the frontend has no
+    parameters."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
         super().__init__()
@@ -157,8 +158,9 @@ def trained_part(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, tor
 class FeatureCache:
     """Fixed features by the images' content. A site's images are the same every round, and a process (a Ray
     worker) serves the same sites round after round: computing their scattering once saves most of a round's
-    work. Keyed by a SHA-256 of the images' bytes, shape and the frontend's output shape, so a changed image is
-    never served stale features; least recently used entries go first beyond `max_bytes`."""
+    work. Keyed by what fixes the frontend's filters (`cache_key`) and a SHA-256 of the images' bytes, shape and
+    dtype, so a changed image is never served stale features; least recently used entries go first beyond
+    `max_bytes`."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
