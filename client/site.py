@@ -39,7 +39,7 @@ from common.data import SiteData, load_site_data
 from common.data.site import LocalDataSpec, load_deployed_site_data
 from common.errors import ConfigError, DataError
 from common.evaluation import evaluate_model
-from common.models import build_model
+from common.models import build_model, trained_part
 from common.policy import PolicyRefusal
 from common.privacy import SitePrivacy
 from common.privacy.budget import DatasetSpend, epsilon, planned_history
@@ -356,7 +356,8 @@ def _evaluation(admission: Admission, model: torch.nn.Module, data: SiteData) ->
     metrics leave. A training round evaluates the model it received, so no exchange of its own is needed."""
     if not admission.policy.send_evaluation_metrics:
         return None
-    loss, accuracy = evaluate_model(model, data.test_x, data.test_y)
+    scored, inputs = trained_part(model, data.test_x)  # ScatterNet: its features, computed once per process
+    loss, accuracy = evaluate_model(scored, inputs, data.test_y)
     return MetricRecord({"site": admission.site, "num-examples": len(data.test_y), "loss": loss,
                          "accuracy": accuracy})
 

@@ -5,8 +5,11 @@ Server and clients build the model from the same config, so state-dict keys alwa
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import hashlib
+import threading
 
 import torch
 from opacus.validators import ModuleValidator
@@ -40,6 +43,7 @@ class FixedScattering(nn.Module):
     def __init__(self, image_size: int) -> None:
         super().__init__()
         self.transform = copy.deepcopy(_scattering(image_size))  # a copy: each model moves its own to a device
+        self.cache_key = ("scattering", SCATTERING_SCALES, SCATTERING_ANGLES, image_size)  # what fixes the filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.transform(x.contiguous())  # (N, C, 81, H/4, W/4)
@@ -47,6 +51,7 @@ class FixedScattering(nn.Module):
 
 
 SCATTERING_SCALES = 2
+SCATTERING_ANGLES = 8
 SCATTERING_CHANNELS = 81  # 1 + J L + L^2 J (J - 1) / 2 for J = 2, L = 8
 
 
@@ -62,16 +67,17 @@ def _scattering(image_size: int) -> nn.Module:
             self.register_buffer("tensor" + str(n), current_filter, persistent=False)
             return current_filter
 
-    return Transform(J=SCATTERING_SCALES, shape=(image_size, image_size), L=8)
+    return Transform(J=SCATTERING_SCALES, shape=(image_size, image_size), L=SCATTERING_ANGLES)
 
 
 class ScatterNet(nn.Module):
     """Tramer and Boneh (2021), "Differentially private learning needs better features": fixed scattering features,
     GroupNorm without learned parameters (per image, so samples stay independent), and a linear classifier.
 
-    `frontend` is the fixed, parameter-free part: client.trainer computes it once per round over the site's images
-    (no gradient, no labels) and trains `head` on the features, so DP-SGD clips and noises only the head's
-    gradients, exactly what it would for head(frontend(x)) since the frontend has no parameters."""
+    `frontend` is the fixed, parameter-free part: `trained_part` computes it over a site's images (no gradient, no
+    labels; cached by content in each process) and client.trainer trains `head` on the features, so DP-SGD clips
+    and noises only the head's gradients, exactly what it would for head(frontend(x)): the frontend has no
+    parameters."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
         super().__init__()
@@ -146,10 +152,39 @@ def trained_part(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, tor
     frontend = getattr(model, "frontend", None)
     if frontend is None:
         return model, images
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        features = [frontend(chunk.to(device)).to(images.device) for chunk in images.split(512)]
-    return model.head, torch.cat(features)
+    return model.head, _FEATURES.of(frontend, images, next(model.parameters()).device)
+
+
+class FeatureCache:
+    """Fixed features by the images' content. A site's images are the same every round, and a process (a Ray
+    worker) serves the same sites round after round: computing their scattering once saves most of a round's
+    work. Keyed by what fixes the frontend's filters (`cache_key`) and a SHA-256 of the images' bytes, shape and
+    dtype, so a changed image is never served stale features; least recently used entries go first beyond
+    `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, frontend: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        images = images.detach().contiguous()
+        key = (frontend.cache_key, hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest(),
+               tuple(images.shape), str(images.dtype))
+        with self._lock:  # sites may train in threads of one process
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        with torch.no_grad():
+            features = torch.cat([frontend(chunk.to(device)).to(images.device) for chunk in images.split(512)])
+        with self._lock:
+            self._entries[key] = features
+            while sum(f.numel() * f.element_size() for f in self._entries.values()) > self.max_bytes:
+                self._entries.popitem(last=False)
+        return features
+
+
+_FEATURES = FeatureCache(max_bytes=256 * 2**20)
 
 
 def count_parameters(model: nn.Module) -> int:

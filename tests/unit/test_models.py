@@ -4,7 +4,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from common.errors import ConfigError
-from common.models import build_model, count_parameters
+from common.models import FeatureCache, build_model, count_parameters, trained_part
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -57,3 +57,20 @@ def test_scatternet_sends_only_its_head_and_its_features_are_fixed(channels: int
 def test_scatternet_needs_a_side_divisible_by_four():
     with pytest.raises(ConfigError, match="multiple of 4"):
         build_model("scatternet", in_channels=1, num_classes=10, image_size=30)
+
+
+def test_fixed_features_are_cached_by_content_and_never_served_stale():
+    model = build_model("scatternet", in_channels=1, num_classes=10, image_size=28)
+    cache = FeatureCache(max_bytes=2 * 6 * 81 * 7 * 7 * 4)  # two sets of six images' features
+    images = torch.rand(6, 1, 28, 28)
+    first = cache.of(model.frontend, images, torch.device("cpu"))
+    assert cache.of(model.frontend, images.clone(), torch.device("cpu")) is first  # same content: no recompute
+    changed = images.clone()
+    changed[3, 0, 5, 5] += 0.5
+    other = cache.of(model.frontend, changed, torch.device("cpu"))
+    assert other is not first and not torch.equal(other[3], first[3]) and torch.equal(other[0], first[0])
+    torch.testing.assert_close(other, model.frontend(changed), rtol=0, atol=0)
+    cache.of(model.frontend, torch.rand(6, 1, 28, 28), torch.device("cpu"))  # a third set evicts the oldest
+    assert cache.of(model.frontend, images, torch.device("cpu")) is not first
+    head, features = trained_part(model, images)
+    assert head is model.head and torch.equal(features, first)
