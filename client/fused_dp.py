@@ -13,7 +13,7 @@ into chunks of two fixed sizes (ChunkSizes), the last one padded with masked row
 every batch size takes this path, and which rows are sampled is untouched (the sampler draws them exactly as
 before; chunking decides only how they are computed). Clipping is per sample, so the sum over chunks is the sum
 over the batch. At patient level a chunk holds whole patients, whose per-image gradients are summed before
-clipping.
+clipping; with augmentation multiplicity, whole units' copies, whose gradients are averaged before clipping.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class ChunkSizes:
 class _Pending:
     x: torch.Tensor
     y: torch.Tensor
-    owner: torch.Tensor | None  # patient level: the patient (0..P-1, in batch order) of each row
+    owner: torch.Tensor | None  # grouped rows: the unit (0..P-1, in batch order) of each row
+    scale: float = 1.0  # each unit's gradient is `scale` x the sum of its rows' (augmentation: 1 / copies)
 
 
 class FusedClipping:
@@ -93,9 +94,9 @@ class FusedClipping:
         self._pending: _Pending | None = None
         self.loss: float | None = None  # the last batch's mean per-example loss (local, never released)
 
-    def stage(self, x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor | None = None) -> None:
+    def stage(self, x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor | None = None, scale: float = 1.0) -> None:
         """The batch the optimizer's next `clip_and_accumulate` adds, with empty per-sample rows for Opacus."""
-        self._pending = _Pending(x, y, owner)
+        self._pending = _Pending(x, y, owner, scale)
         for p in self.model.parameters():
             if p.requires_grad:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -120,8 +121,9 @@ class FusedClipping:
         optimizer.clip_and_accumulate = clip_and_accumulate  # type: ignore[method-assign]
 
     def clipped_sum(self, batch: _Pending, max_grad_norm: float) -> dict[str, torch.Tensor]:
-        """Sum over chunks of the clipped per-sample (or per-patient) gradients; sets `loss`."""
-        bound = torch.tensor(float(max_grad_norm), device=batch.x.device)
+        """Sum over chunks of the clipped per-sample (or per-unit) gradients; sets `loss`. A unit's gradient g is
+        `batch.scale` x its rows' sum s, and clip_C(a s) = a clip_{C/a}(s): the sums are clipped at C / scale."""
+        bound = torch.tensor(float(max_grad_norm) / batch.scale, device=batch.x.device)
         total: dict[str, torch.Tensor] = {}
         loss_sum = torch.zeros((), device=batch.x.device)
         for x, y, owner, units, rows in self._chunks(batch):
@@ -130,7 +132,7 @@ class FusedClipping:
             for name, value in sums.items():
                 total[name] = value if name not in total else total[name] + value
         self.loss = float(loss_sum) / len(batch.y)
-        return total
+        return total if batch.scale == 1.0 else {name: value * batch.scale for name, value in total.items()}
 
     def _chunks(self, batch: _Pending) -> Iterator[tuple[torch.Tensor, ...]]:
         """(x, y, owner, unit mask, row mask) per fixed-size chunk; padding rows are zero images with mask 0."""

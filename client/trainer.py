@@ -18,10 +18,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.augmentation import augmented_copies, features_shape
 from client.fused_dp import ChunkSizes, FusedClipping, choose_engine
 from common.config import RunConfig
 from common.data import SiteData
-from common.models import count_parameters, trained_part
+from common.models import count_parameters, trained_module, trained_part
 from common.privacy import SitePrivacy
 from common.privacy.secure_noise import SecureNoise, SecureNoiseDPOptimizer
 
@@ -75,17 +76,20 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
     if privacy is None:
         return _train_without_dp(model, data, config, generator)
     global_weights = _weights(model)
-    trained, data = _on_features(model, data)
+    copies = config.augmentations
+    trained, data = _on_features(model, data, copies)
     uniforms, secure = _randomness(generator, secure_noise)
     steps = _batches_per_epoch(data.num_train, config.batch_size, privacy)
     _check_epochs(config.local_epochs, steps, privacy)
     sampler = PoissonSampler(data.num_train, privacy.sample_rate, steps, uniforms)
     accountant = privacy.accountant()
-    fused = choose_engine(trained, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=False,
-                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(trained)),
+    fused = choose_engine(trained, config.dp_sgd_engine, image_shape=input_shape(model, data, copies),
+                          patients=copies > 1, sizes=ChunkSizes.for_study(config.batch_size * copies,
+                                                                          count_parameters(trained),
+                                                                          largest_unit=copies),
                           steps=privacy.steps_per_round, fresh_process=fresh_process)
     losses = []
-    with _private(trained, "mean", hooks=fused is None) as module:
+    with _private(trained, "mean" if copies == 1 else "sum", hooks=fused is None) as module:
         optimizer = _dp_optimizer(trained, config, privacy, data.num_train, generator, secure)
         if fused is not None:
             fused.attach(optimizer)
@@ -93,7 +97,13 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
         if audit is not None:
             audit(optimizer)
         for _ in range(config.local_epochs):
-            losses += [_image_step(module, optimizer, data, rows, fused) for rows in sampler]
+            for rows in sampler:
+                if copies == 1:
+                    losses.append(_image_step(module, optimizer, data, rows, fused))
+                    continue
+                units = [rows[i : i + 1] for i in range(len(rows))]  # each image its own unit, K copies of it
+                losses.append(_grouped_step(module, optimizer, _grouped(model, data, units, copies, generator),
+                                            fused))
     privacy.record_steps(accountant.state_dict())
     kept = [loss for loss in losses if loss is not None]
     return LocalUpdate(_delta(model, global_weights), data.num_train, sum(kept) / max(len(kept), 1), len(losses))
@@ -112,14 +122,15 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
     _, images_of = patient_index(data.train_patients)
     _batches_per_epoch(len(images_of), patients_per_batch(config, data), privacy)
     global_weights = _weights(model)
-    trained, data = _on_features(model, data)
+    copies = config.augmentations
+    trained, data = _on_features(model, data, copies)
     uniforms, secure = _randomness(generator, secure_noise)
     sampler = PoissonSampler(len(images_of), privacy.sample_rate, privacy.steps_per_round, uniforms)
     accountant = privacy.accountant()
     largest = max((len(images) for images in images_of), default=1)
-    fused = choose_engine(trained, config.dp_sgd_engine, image_shape=tuple(data.train_x.shape[1:]), patients=True,
-                          sizes=ChunkSizes.for_study(config.batch_size, count_parameters(trained),
-                                                     largest_unit=largest),
+    fused = choose_engine(trained, config.dp_sgd_engine, image_shape=input_shape(model, data, copies), patients=True,
+                          sizes=ChunkSizes.for_study(config.batch_size * copies, count_parameters(trained),
+                                                     largest_unit=largest * copies),
                           steps=privacy.steps_per_round, fresh_process=fresh_process)
     with _private(trained, "sum", hooks=fused is None) as module:
         optimizer = _dp_optimizer(trained, config, privacy, len(images_of), generator, secure)
@@ -127,7 +138,8 @@ def train_patient_level(model: nn.Module, data: SiteData, config: RunConfig, pri
             fused.attach(optimizer)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate))
         for chosen in sampler:
-            _patient_step(module, optimizer, data, [images_of[int(c)] for c in chosen], fused)
+            patients = [images_of[int(c)] for c in chosen]
+            _grouped_step(module, optimizer, _grouped(model, data, patients, copies, generator), fused)
     privacy.record_steps(accountant.state_dict())
     return LocalUpdate(_delta(model, global_weights), data.num_train, float("nan"), len(sampler))
 
@@ -182,11 +194,20 @@ def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
                        len(losses))
 
 
-def _on_features(model: nn.Module, data: SiteData) -> tuple[nn.Module, SiteData]:
+def _on_features(model: nn.Module, data: SiteData, copies: int = 1) -> tuple[nn.Module, SiteData]:
     """What training updates, and the training inputs it sees (common.models.trained_part: ScatterNet's head on
-    features computed once per round)."""
+    features computed once per round). Augmented copies (`copies` > 1) differ every step: their features are
+    computed per step (client.augmentation), and the images stay as they are here."""
+    if copies > 1:
+        return trained_module(model), data
     trained, inputs = trained_part(model, data.train_x)
     return trained, data if inputs is data.train_x else replace(data, train_x=inputs)
+
+
+def input_shape(model: nn.Module, data: SiteData, copies: int) -> tuple[int, ...]:
+    """The shape of one input of the trained part, as `_on_features` left `data`."""
+    image_shape = tuple(data.train_x.shape[1:])
+    return features_shape(model, image_shape) if copies > 1 else image_shape
 
 
 def _batches_per_epoch(num_units: int, units_per_batch: int, privacy: SitePrivacy) -> int:
@@ -270,29 +291,53 @@ def _image_step(module: nn.Module, optimizer: DPOptimizer, data: SiteData, rows:
     return float(loss.detach())
 
 
-def _patient_step(module: nn.Module, optimizer: DPOptimizer, data: SiteData, images: list[torch.Tensor],
-                  fused: FusedClipping | None) -> None:
-    """One step over the sampled patients' images, each patient's per-image gradients summed into one sample."""
+@dataclass(frozen=True)
+class _Grouped:
+    """A step's rows grouped into units (the sampled patients, or each sampled image's augmented copies): a unit's
+    gradient is `scale` x the sum of its rows' gradients, and that is what is clipped."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    owner: torch.Tensor  # the unit of each row, 0..units-1, non-decreasing
+    scale: float
+
+
+def _grouped(model: nn.Module, data: SiteData, units: list[torch.Tensor], copies: int,
+             generator: torch.Generator) -> _Grouped | None:
+    """The rows of the sampled `units` (each a tensor of image rows), with `copies` augmented copies of each image
+    when copies > 1 (their gradients averaged: scale 1 / copies); None for an empty batch."""
+    if not units:
+        return None
+    device = next(model.parameters()).device
+    rows = torch.cat(units)
+    owner = torch.repeat_interleave(torch.arange(len(units)), torch.tensor([len(u) for u in units])).to(device)
+    x, y = data.train_x[rows].to(device), data.train_y[rows].to(device)
+    if copies == 1:
+        return _Grouped(x, y, owner, 1.0)
+    return _Grouped(*augmented_copies(model, x, y, owner, copies, generator), 1.0 / copies)
+
+
+def _grouped_step(module: nn.Module, optimizer: DPOptimizer, batch: _Grouped | None,
+                  fused: FusedClipping | None) -> float | None:
+    """One DP-SGD step over grouped rows: each unit's per-row gradients summed (times `scale`) into one sample
+    before clipping; its mean per-unit loss, or None for a noise-only step."""
     optimizer.zero_grad(set_to_none=True)
-    if not images:
+    if batch is None:
         _noise_only_step(module, optimizer)
-        return
-    device = next(module.parameters()).device
-    rows = torch.cat(images)
+        return None
+    units = int(batch.owner[-1]) + 1
     if fused is not None:
-        owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor([len(i) for i in images]))
-        fused.stage(data.train_x[rows].to(device), data.train_y[rows].to(device), owner.to(device))
+        fused.stage(batch.x, batch.y, batch.owner, batch.scale)
         optimizer.step()
-        return
-    loss = nn.functional.cross_entropy(module(data.train_x[rows].to(device)), data.train_y[rows].to(device),
-                                       reduction="sum")
+        return fused.loss
+    loss = nn.functional.cross_entropy(module(batch.x), batch.y, reduction="sum") * batch.scale
     loss.backward()
-    owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor([len(i) for i in images])).to(device)
     for p in module.parameters():
         if p.requires_grad and p.grad_sample is not None:
-            per_patient = torch.zeros((len(images), *p.shape), dtype=p.grad_sample.dtype, device=device)
-            p.grad_sample = per_patient.index_add_(0, owner, p.grad_sample)
+            per_unit = torch.zeros((units, *p.shape), dtype=p.grad_sample.dtype, device=p.grad_sample.device)
+            p.grad_sample = per_unit.index_add_(0, batch.owner, p.grad_sample)
     optimizer.step()
+    return float(loss.detach()) / units
 
 
 def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.study import (
+    MAX_AUGMENTATIONS,
     MODELS,
     PrivacySection,
     RequestError,
@@ -57,6 +58,7 @@ class RunConfig:
     sites_per_round: int  # 0: every site that can still train
     local_epochs: int
     batch_size: int  # expected Poisson batch size; sampling rate q = 1 / ceil(n / batch_size)
+    augmentations: int  # augmentation multiplicity K: each image's gradient averaged over K shifted copies; 1: off
     learning_rate: float
     no_dp_learning_rate: float  # the non-private baseline's step: unclipped gradients are far larger
     momentum: float
@@ -87,6 +89,7 @@ class RunConfig:
     server_optimizer: str  # the server's step on the mean update: fedavg, fedavgm or fedadam (post-processing)
     server_learning_rate: float
     server_momentum: float  # FedAvgM's momentum; FedAdam's beta1
+    server_averaging: float  # decay of an exponential moving average of the global model over rounds; 0: off
     secagg: bool  # secure aggregation (the server learns only the sum); off only for comparison
     secagg_dropout_rate: float  # tolerated fraction of a neighbourhood dropping after advertising keys
     secagg_colluding: int  # clients assumed to collude with the server (raises the threshold)
@@ -140,7 +143,8 @@ class RunConfig:
         study = StudySection(
             study_id=self.study_id, run_name=self.run_name, model=self.model, num_classes=num_classes,
             channels=channels, image_size=image_size, num_server_rounds=self.num_server_rounds,
-            local_epochs=self.local_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            local_epochs=self.local_epochs, batch_size=self.batch_size, augmentations=self.augmentations,
+            learning_rate=self.learning_rate,
             no_dp_learning_rate=self.no_dp_learning_rate, momentum=self.momentum,
             update_clip_norm=self.update_clip_norm, local_test_fraction=self.local_test_fraction)
         privacy = PrivacySection(dp=self.dp, privacy_unit=self.privacy_unit, target_epsilon=self.target_epsilon,
@@ -157,6 +161,7 @@ class RunConfig:
         return self.replace(
             study_id=study.study_id, run_name=study.run_name, model=study.model, num_classes=study.num_classes,
             num_server_rounds=study.num_server_rounds, local_epochs=study.local_epochs, batch_size=study.batch_size,
+            augmentations=study.augmentations,
             learning_rate=study.learning_rate, no_dp_learning_rate=study.no_dp_learning_rate,
             momentum=study.momentum, update_clip_norm=study.update_clip_norm,
             local_test_fraction=study.local_test_fraction, dp=privacy.dp, privacy_unit=privacy.privacy_unit,
@@ -205,6 +210,8 @@ class RunConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be at least 1")
+        if not 1 <= self.augmentations <= MAX_AUGMENTATIONS:
+            _fail("augmentations", self.augmentations, f"must be 1 (off) to {MAX_AUGMENTATIONS}")
         for name in ("sites_per_round", "privacy_planned_rounds", "num_classes"):
             if getattr(self, name) < 0:
                 _fail(name, getattr(self, name), "must be 0 or more")
@@ -232,6 +239,8 @@ class RunConfig:
             _fail("server_learning_rate", self.server_learning_rate, "must be a positive number")
         if not 0 <= self.server_momentum < 1:
             _fail("server_momentum", self.server_momentum, "must be in [0, 1)")
+        if not 0 <= self.server_averaging < 1:
+            _fail("server_averaging", self.server_averaging, "must be in [0, 1) (0: no averaging)")
         if self.dp_sgd_engine not in DP_SGD_ENGINES:
             _fail("dp_sgd_engine", self.dp_sgd_engine, f"must be one of {DP_SGD_ENGINES}")
         if self.privacy_unit not in PRIVACY_UNITS:

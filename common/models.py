@@ -152,7 +152,12 @@ def trained_part(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, tor
     frontend = getattr(model, "frontend", None)
     if frontend is None:
         return model, images
-    return model.head, _FEATURES.of(frontend, images, next(model.parameters()).device)
+    return trained_module(model), _FEATURES.of(frontend, images, next(model.parameters()).device)
+
+
+def trained_module(model: nn.Module) -> nn.Module:
+    """The part of `model` that has parameters (ScatterNet's head; any other model itself)."""
+    return model.head if hasattr(model, "frontend") else model
 
 
 class FeatureCache:

@@ -20,6 +20,7 @@ from common.errors import CareFedError
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # study and run ids: never a path
 MODELS = ("cnn", "scatternet", "resnet18")
 PRIVACY_UNITS = ("image", "patient")
+MAX_AUGMENTATIONS = 16  # augmentation multiplicity: a site computes this many gradients per sampled image
 
 
 class RequestError(CareFedError):
@@ -72,6 +73,7 @@ class StudySection(Section):
     num_server_rounds: int
     local_epochs: int
     batch_size: int
+    augmentations: int
     learning_rate: float
     no_dp_learning_rate: float
     momentum: float
@@ -88,6 +90,7 @@ class StudySection(Section):
         _require(self, "num-server-rounds", 1 <= self.num_server_rounds <= 100_000, "1 to 100000")
         _require(self, "local-epochs", 1 <= self.local_epochs <= 1000, "1 to 1000")
         _require(self, "batch-size", 1 <= self.batch_size <= 1_000_000, "1 to 1000000")
+        _require(self, "augmentations", 1 <= self.augmentations <= MAX_AUGMENTATIONS, f"1 to {MAX_AUGMENTATIONS}")
         for key in ("learning-rate", "no-dp-learning-rate", "update-clip-norm"):
             value = getattr(self, key.replace("-", "_"))
             _require(self, key, math.isfinite(value) and value > 0, "a positive number")

@@ -96,3 +96,20 @@ class ServerOptimizer:
         else:
             raise ValueError(f"unknown server optimizer {self.kind!r}; use one of {SERVER_OPTIMIZERS}")
         return apply_mean_delta(weights, self.learning_rate * update)
+
+
+@dataclass
+class ModelAverage:
+    """An exponential moving average of the global model over rounds (parameter averaging; De et al. 2022 on why
+    it helps DP-SGD): after round t, sum_s decay^(t-s) w_s / sum_s decay^(t-s), the bias-corrected EMA of the
+    models w_1..w_t. It is a function of the released models only: post-processing, no site's epsilon changes.
+    The sites keep training the global model; the average is scored beside it and saved with it."""
+
+    decay: float
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # "sum": the decayed sum, "weight": its total weight
+
+    def update(self, weights: Mapping[str, np.ndarray]) -> Weights:
+        flat = flatten(weights).astype(np.float64)
+        self.state["sum"] = self.decay * self.state.get("sum", 0.0) + flat
+        self.state["weight"] = np.asarray(self.decay * float(self.state.get("weight", 0.0)) + 1.0)
+        return unflatten(self.state["sum"] / self.state["weight"], weights)

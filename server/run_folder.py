@@ -143,10 +143,12 @@ class RunFolder:
             self.ledger.append(ledger_entry_from_report(self.config, site, report))
 
     def checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor],
-                   server_optimizer: Mapping[str, np.ndarray] | None = None) -> None:
-        """The global model after `server_round`, with the server optimizer's state (momenta) to resume from."""
+                   server_optimizer: Mapping[str, np.ndarray] | None = None,
+                   model_average: Mapping[str, np.ndarray] | None = None) -> None:
+        """The global model after `server_round`, with the server optimizer's state (momenta) and the moving
+        average's (server-averaging) to resume from."""
         self._save_model(self.path / "checkpoints" / f"round-{server_round:04d}.pt", server_round, state_dict,
-                         {"server_optimizer": dict(server_optimizer or {})})
+                         {"server_optimizer": dict(server_optimizer or {}), "model_average": dict(model_average or {})})
 
     def _save_model(self, path: Path, server_round: int, state_dict: Mapping[str, torch.Tensor],
                     extra: Mapping[str, object] | None = None) -> None:
@@ -156,10 +158,13 @@ class RunFolder:
                         "state_dict": dict(state_dict), **(extra or {})}, tmp)
         os.replace(tmp.name, path)
 
-    def finish(self, server_round: int, state_dict: Mapping[str, torch.Tensor], stop_reason: str) -> None:
+    def finish(self, server_round: int, state_dict: Mapping[str, torch.Tensor], stop_reason: str,
+               averaged: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The final global model (and the moving average of the global models, when the run keeps one)."""
         from server.plots import plot_accuracy, plot_epsilon
 
-        self._save_model(self.path / "model_final.pt", server_round, state_dict)
+        self._save_model(self.path / "model_final.pt", server_round, state_dict,
+                         {"averaged_state_dict": dict(averaged)} if averaged is not None else None)
         plots = self.path / "plots"
         plots.mkdir(exist_ok=True)
         plot_accuracy(self.rounds, plots / "accuracy.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Iterable
@@ -21,13 +22,13 @@ from common import messages
 from common.config import RunConfig
 from common.data.site import check_partitions, global_model, load_source_for, resolve_partitioning, to_tensor
 from common.evaluation import evaluate_model
-from common.models import count_parameters, trained_part
+from common.models import count_parameters, trained_module, trained_part
 from common.replies import ReplyRefused, check_reply, stage_of
 from common.secagg.identity import IdentityVerifier, enrol_virtual_sites
 from common.secagg.protocol import graph_for_cohort
 from common.study import SiteRequest
 from common.update_codec import flatten
-from server.aggregation import DeltaSum, ServerOptimizer
+from server.aggregation import DeltaSum, ModelAverage, ServerOptimizer
 from server.exchange import STOP, RunInterrupted, send_and_receive
 from server.run_folder import RunFolder, with_run_name
 from server.secagg_round import SecAggRound
@@ -91,6 +92,10 @@ class FederatedTraining:
         self.identity_verifier = self._identities()
         self.server_optimizer = ServerOptimizer(config.server_optimizer, config.server_learning_rate,
                                                 config.server_momentum)
+        # parameter averaging (server-averaging > 0): a second model, scored on the same test set and saved beside
+        self.average = ModelAverage(config.server_averaging) if config.server_averaging else None
+        self.averaged = copy.deepcopy(self.model)
+        self.averaged_scored = trained_module(self.averaged)  # on the same inputs as self.scored
 
     def _identities(self) -> IdentityVerifier | None:
         """Simulation: enrol every virtual site with a per-run study CA (its key is thrown away), so the signed path
@@ -112,7 +117,8 @@ class FederatedTraining:
         except BaseException as err:
             self.folder.fail(str(err) if isinstance(err, RunInterrupted) else f"{type(err).__name__}: {err}")
             raise
-        self.folder.finish(last_round, self.model.state_dict(), reason)
+        self.folder.finish(last_round, self.model.state_dict(), reason,
+                           self.averaged.state_dict() if self.average else None)
         log(INFO, "CareFed run finished after %d round(s) (%s). Run folder: %s", last_round, reason, self.folder.path)
 
     def _rounds(self) -> tuple[int, str]:
@@ -141,15 +147,24 @@ class FederatedTraining:
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in new_weights.items()})
             else:
                 log(WARNING, "Round %d: no update was aggregated; the global model is unchanged.", server_round)
+            self._average()
             # a site that dropped before it ever named itself (a key stage, in its first round) is asked to
             # evaluate the new model: its reply names it, so metrics say which site dropped where
             unnamed = self._evaluate_sites([n for n in cohort if n not in self.node_site], server_round)
             self._record(server_round, outcome, seconds=time.perf_counter() - started, cohort=cohort)
             self._amend_sites(server_round, unnamed)
-            self.folder.checkpoint(server_round, self.model.state_dict(), self.server_optimizer.state)
+            self.folder.checkpoint(server_round, self.model.state_dict(), self.server_optimizer.state,
+                                   self.average.state if self.average else None)
         final = nodes if self.config.evaluates_all_sites else cohort
         self._amend_sites(last_round, self._evaluate_sites(final, last_round))
         return last_round, reason
+
+    def _average(self) -> None:
+        """Fold this round's global model into the moving average, if the run keeps one."""
+        if self.average is None:
+            return
+        averaged = self.average.update({k: v.numpy() for k, v in self.model.state_dict().items()})
+        self.averaged.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
 
     def _stop_reason(self, eligible: list[int]) -> str:
         if not eligible:
@@ -290,11 +305,13 @@ class FederatedTraining:
                 cohort: Iterable[int] = ()) -> None:
         """The round's row; its sites' accuracies follow (`_amend_sites`) when they evaluate its model."""
         loss, acc = evaluate_model(self.scored, self.test_x, self.test_y)
+        averaged = evaluate_model(self.averaged_scored, self.test_x, self.test_y)[1] if self.average else None
         latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
         row: dict[str, Any] = {
             "round": server_round,
             "global-loss": loss,
             "global-accuracy": acc,
+            "averaged-accuracy": averaged,  # the moving average of the global models (server-averaging), if kept
             **_site_fields({}, "all" if self.config.evaluates_all_sites else "cohort"),
             "max-epsilon": max(latest_epsilon) if latest_epsilon else 0.0,
             "sites-sampled": self._sites(cohort),

@@ -45,9 +45,14 @@ def held_out_halves(config: RunConfig) -> tuple[ImageSet, ImageSet]:
     return held_out.subset(np.sort(first)), held_out.subset(second)
 
 
-def final_accuracy(config: RunConfig, run_dir: Path, images: ImageSet) -> float:
+def final_accuracy(config: RunConfig, run_dir: Path, images: ImageSet, which: str = "state_dict") -> float | None:
+    """The final global model's accuracy on `images` (`which="averaged_state_dict"`: the moving average's, or None
+    when the run kept none)."""
+    saved = torch.load(run_dir / "model_final.pt", weights_only=False)
+    if which not in saved:
+        return None
     model = global_model(config)
-    model.load_state_dict(torch.load(run_dir / "model_final.pt", weights_only=False)["state_dict"])
+    model.load_state_dict(saved[which])
     return evaluate_model(model, to_tensor(images.images), torch.from_numpy(images.labels))[1]
 
 
@@ -82,19 +87,24 @@ def main() -> None:
             "delta": config.target_delta if config.dp else None,
             "global_accuracy": last["global-accuracy"],
             "validation_accuracy": final_accuracy(config, run_dir, validation),
-            "test_accuracy": final_accuracy(config, run_dir, test), "mean_site_accuracy": last["mean-site-accuracy"],
+            "test_accuracy": final_accuracy(config, run_dir, test),
+            "averaged_validation_accuracy": final_accuracy(config, run_dir, validation, "averaged_state_dict"),
+            "averaged_test_accuracy": final_accuracy(config, run_dir, test, "averaged_state_dict"),
+            "mean_site_accuracy": last["mean-site-accuracy"],
             "worst_site_accuracy": last["worst-site-accuracy"], "max_epsilon_spent": last["max-epsilon"],
             "rounds": last["round"], "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir),
         })
     write_json(args.output / "sweep.json", {"rows": rows})
-    print("| setting | global acc | validation half | test half | mean site acc | worst site acc | "
-          "max epsilon spent (PRV) | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| setting | global acc | validation half | test half | averaged: validation, test | mean site acc | "
+          "worst site acc | max epsilon spent (PRV) | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         spent = f"{row['max_epsilon_spent']:.2f}" if row["target_epsilon"] else "none (not private)"
+        averaged = (f"{row['averaged_validation_accuracy']:.3f}, {row['averaged_test_accuracy']:.3f}"
+                    if row["averaged_validation_accuracy"] is not None else "-")
         print(f"| {row['arm']} | {row['global_accuracy']:.3f} | {row['validation_accuracy']:.3f} | "
-              f"{row['test_accuracy']:.3f} | {row['mean_site_accuracy']:.3f} | {row['worst_site_accuracy']:.3f} | "
-              f"{spent} | {row['seconds']} |")
+              f"{row['test_accuracy']:.3f} | {averaged} | {row['mean_site_accuracy']:.3f} | "
+              f"{row['worst_site_accuracy']:.3f} | {spent} | {row['seconds']} |")
 
 
 if __name__ == "__main__":

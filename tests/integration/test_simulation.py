@@ -97,26 +97,36 @@ def test_sites_that_cannot_afford_another_round_are_not_sampled_and_the_run_ends
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt"]
 
 
-def test_a_server_optimizer_or_scattering_features_change_the_model_but_no_sites_epsilon(make_config):
-    """FedAdam steps on the secure sum's mean only: post-processing. ScatterNet's features are a fixed function of
-    each image (no labels, no data-dependent parameters). With the same DP-SGD settings the ledgers' epsilons are
-    exactly FedAvg's on the CNN."""
-    arms = {"fedavg": ("cnn", "fedavg"), "fedadam": ("cnn", "fedadam"), "scatternet": ("scatternet", "fedavg")}
-    runs = {arm: run_simulation(make_config(num_sites=3, num_server_rounds=2, run_name=arm, model=model,
-                                            server_optimizer=kind,
-                                            server_learning_rate=0.01 if kind == "fedadam" else 1.0,
-                                            server_momentum=0.9 if kind == "fedadam" else 0.0))
-            for arm, (model, kind) in arms.items()}
+def test_server_side_and_feature_options_change_the_model_but_no_sites_epsilon(make_config):
+    """Post-processing at the server (FedAdam on the secure sum's mean, a moving average of the global models) and a
+    different function inside the clipped unit (ScatterNet's fixed features, each image's gradient averaged over
+    two shifted copies) change what is learned, not what is released about an image: with the same DP-SGD settings
+    the ledgers' epsilons are exactly FedAvg's on the CNN."""
+    arms = {"fedavg": {"model": "cnn"},
+            "server-side": {"model": "cnn", "server_optimizer": "fedadam", "server_learning_rate": 0.01,
+                            "server_momentum": 0.9, "server_averaging": 0.5},
+            "features": {"model": "scatternet", "augmentations": 2}}
+    runs = {arm: run_simulation(make_config(num_sites=3, num_server_rounds=2, run_name=arm, **settings))
+            for arm, settings in arms.items()}
     for site in range(3):
         reports = {arm: _read(run, f"privacy/site-{site:04d}.json")["reports"] for arm, run in runs.items()}
-        for arm in ("fedadam", "scatternet"):
+        for arm in ("server-side", "features"):
             assert [r["epsilon"] for r in reports[arm]] == [r["epsilon"] for r in reports["fedavg"]]
             assert [r["steps-total"] for r in reports[arm]] == [r["steps-total"] for r in reports["fedavg"]]
-    final = {arm: torch.load(run / "model_final.pt", weights_only=False)["state_dict"] for arm, run in runs.items()}
-    assert any(not torch.equal(final["fedadam"][k], final["fedavg"][k]) for k in final["fedavg"])
-    assert sorted(final["scatternet"]) == ["head.2.bias", "head.2.weight"]  # no filter bank is ever sent
-    checkpoint = torch.load(runs["fedadam"] / "checkpoints" / "round-0002.pt", weights_only=False)
+    saved = {arm: torch.load(run / "model_final.pt", weights_only=False) for arm, run in runs.items()}
+    final = {arm: content["state_dict"] for arm, content in saved.items()}
+    assert any(not torch.equal(final["server-side"][k], final["fedavg"][k]) for k in final["fedavg"])
+    assert sorted(final["features"]) == ["head.2.bias", "head.2.weight"]  # no filter bank is ever sent
+    checkpoint = torch.load(runs["server-side"] / "checkpoints" / "round-0002.pt", weights_only=False)
     assert set(checkpoint["server_optimizer"]) == {"first", "second"}
+    assert set(checkpoint["model_average"]) == {"sum", "weight"}
+    # the average of the rounds' global models is saved and scored beside the global model
+    averaged = saved["server-side"]["averaged_state_dict"]
+    assert any(not torch.equal(averaged[k], final["server-side"][k]) for k in averaged)
+    assert "averaged_state_dict" not in saved["fedavg"]
+    rounds = _read(runs["server-side"], "metrics.json")["rounds"]
+    assert all(0.0 <= r["averaged-accuracy"] <= 1.0 for r in rounds)
+    assert all(r["averaged-accuracy"] is None for r in _read(runs["fedavg"], "metrics.json")["rounds"])
 
 
 def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from common.update_codec import clip_l2, flatten, unflatten
-from server.aggregation import DeltaSum, ServerOptimizer, apply_mean_delta
+from server.aggregation import DeltaSum, ModelAverage, ServerOptimizer, apply_mean_delta
 
 
 def test_mean_is_weighted_by_examples():
@@ -59,3 +59,13 @@ def test_the_server_optimizers_take_their_published_steps():
     assert set(adam.state) == {"first", "second"}  # what a checkpoint keeps to resume from
     with pytest.raises(ValueError, match="unknown server optimizer"):
         ServerOptimizer("sgd").step(weights, first)
+
+
+def test_the_model_average_is_the_bias_corrected_moving_average_of_the_global_models():
+    models = [np.array([1.0, 2.0]), np.array([3.0, -2.0]), np.array([0.0, 4.0])]
+    average = ModelAverage(decay=0.5)
+    results = [average.update({"w": m.astype(np.float32)})["w"] for m in models]
+    np.testing.assert_allclose(results[0], models[0])  # no pull towards zero (or the initial model) at round 1
+    expected = (0.25 * models[0] + 0.5 * models[1] + models[2]) / 1.75
+    np.testing.assert_allclose(results[2], expected, rtol=1e-6)
+    assert results[2].dtype == np.float32 and set(average.state) == {"sum", "weight"}

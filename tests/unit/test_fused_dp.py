@@ -210,22 +210,24 @@ def _site(n: int, patients: np.ndarray | None = None) -> SiteData:
     return SiteData(0, x, y, np.arange(n) if patients is None else patients, x[:2], y[:2], ScannerShift(1, 0, 1, 0))
 
 
-def _train(engine: str, make_config, data: SiteData, *, patients: bool = False) -> tuple[dict, SitePrivacy]:
+def _train(engine: str, make_config, data: SiteData, *, patients: bool = False,
+           copies: int = 1) -> tuple[dict, SitePrivacy]:
     # five steps at q = 1/5 over 80 units: batches of 16 images, or of 16 patients of two images each
     config = make_config(batch_size=32 if patients else 16, local_epochs=1, dp_sgd_engine=engine,
-                         privacy_unit="patient" if patients else "image")
+                         privacy_unit="patient" if patients else "image", augmentations=copies)
     privacy = SitePrivacy(8.0, 1e-5, 1.1, 1 / 5, 5, 0.5, 3)
     train = train_patient_level if patients else train_locally
     update = train(_cnn(), data, config, privacy, torch.Generator().manual_seed(7))
     return update.delta, privacy
 
 
-@pytest.mark.parametrize("patients", [False, True])
-def test_fused_training_is_opacus_training(make_config, patients: bool):
-    """Same sampling, same clipped sums, same noise draws, same steps in the accountant: the same model."""
+@pytest.mark.parametrize(("patients", "copies"), [(False, 1), (True, 1), (True, 2)])
+def test_fused_training_is_opacus_training(make_config, patients: bool, copies: int):
+    """Same sampling, same clipped sums, same noise draws, same steps in the accountant: the same model (also with
+    augmentation multiplicity, each patient's gradient averaged over two shifted copies of its images)."""
     data = _site(80) if not patients else _site(160, np.repeat(np.arange(80), 2))
-    fused, fused_privacy = _train("fused", make_config, data, patients=patients)
-    hooks, hooks_privacy = _train("opacus", make_config, data, patients=patients)
+    fused, fused_privacy = _train("fused", make_config, data, patients=patients, copies=copies)
+    hooks, hooks_privacy = _train("opacus", make_config, data, patients=patients, copies=copies)
     for key, value in hooks.items():
         torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=2e-6)
     assert fused_privacy.history == hooks_privacy.history == [(1.1, 1 / 5, 5)]

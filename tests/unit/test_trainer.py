@@ -12,6 +12,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.augmentation import max_shift, random_shifts
 from client.trainer import CalibrationMismatchError, patient_index, train_locally, train_patient_level
 from common.data.shift import ScannerShift
 from common.data.site import SiteData
@@ -219,3 +220,47 @@ def test_scatternet_trains_its_head_on_features_exactly_as_end_to_end_dp_sgd(mak
     for key, value in update.delta.items():
         torch.testing.assert_close(value, expected.delta[key.replace("head.", "classifier.")], rtol=1e-4, atol=1e-6)
     assert mine.history == theirs.history and update.steps == expected.steps == math.ceil(n / batch)
+
+
+@pytest.mark.parametrize("engine", ["fused", "opacus"])
+def test_augmentation_multiplicity_clips_each_images_mean_gradient_over_its_copies(make_config, engine: str):
+    """K = 3 shifted copies per image: the step is lr x sum_i clip_C(mean_k grad(copy_k of image i)) / B, computed
+    here by autograd from the same random draws (sampling, then shifts), and the accountant gets exactly the steps
+    it would without augmentation (the clipped unit is still one image)."""
+    n, copies, bound = 6, 3, 0.05
+    site = _site(list(range(n)))
+    config = make_config(learning_rate=1.0, momentum=0.0, batch_size=n, local_epochs=1, augmentations=copies,
+                         dp_sgd_engine=engine)
+    torch.manual_seed(2)
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
+    reference = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
+    reference.load_state_dict(model.state_dict())
+    privacy = SitePrivacy(1e9, 1e-5, 1e-12, 1.0, 1, bound, 1)  # every image each step; noise std 5e-14
+    update = train_locally(model, site, config, privacy, torch.Generator().manual_seed(3))
+
+    draws = torch.Generator().manual_seed(3)
+    torch.rand(n, generator=draws, dtype=torch.float64)  # the sampler's uniforms come first
+    shifted = random_shifts(site.train_x.repeat_interleave(copies, 0), max_shift(28), draws)
+    expected = {name: torch.zeros_like(p) for name, p in reference.named_parameters()}
+    for image in range(n):
+        rows = slice(image * copies, (image + 1) * copies)
+        loss = nn.functional.cross_entropy(reference(shifted[rows]), site.train_y[image].repeat(copies))
+        grads = torch.autograd.grad(loss, list(reference.parameters()))  # the mean over the copies
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        assert float(norm) > bound  # so clipping the mean (not each copy) is what the step shows
+        for (name, _), grad in zip(reference.named_parameters(), grads, strict=True):
+            expected[name] += grad * min(1.0, bound / (float(norm) + 1e-6))
+    for name, total in expected.items():
+        torch.testing.assert_close(update.delta[name], -total / n, rtol=1e-4, atol=1e-7)
+    assert privacy.history == [(1e-12, 1.0, 1)]
+
+
+def test_augmented_copies_are_shifts_within_the_bound_with_the_border_replicated():
+    images = torch.arange(2 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
+    shifted = random_shifts(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    for original, moved in zip(images, shifted, strict=True):
+        padded = nn.functional.pad(original[None], (2, 2, 2, 2), mode="replicate")[0]
+        offsets = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[:, dy : dy + 28, dx : dx + 28], moved)]
+        assert len(offsets) == 1
