@@ -139,7 +139,9 @@ def _probed_graph(template: nn.Module) -> tuple[fx.GraphModule, list[str]]:
     layers: list[str] = []
     inputs = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], LAYERS):
+        # exact types: a subclass may change what its weight means (common.models.StandardizedConv2d), and then
+        # this algebra would give the gradient of something else; its weights stay uncovered (vmap instead)
+        if node.op != "call_module" or type(modules[node.target]) not in LAYERS:
             continue
         _check_layer(modules[node.target], str(node.target), layers)
         with graph.inserting_after(node):

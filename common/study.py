@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from common.errors import CareFedError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # study and run ids: never a path
-MODELS = ("cnn", "scatternet", "resnet18")
+MODELS = ("cnn", "cnn-ws", "scatternet", "resnet18")
 PRIVACY_UNITS = ("image", "patient")
 MAX_AUGMENTATIONS = 16  # augmentation multiplicity: a site computes this many gradients per sampled image
 

@@ -51,6 +51,7 @@ class Partitioning(StrEnum):
 
 class Model(StrEnum):
     cnn = "cnn"
+    cnn_ws = "cnn-ws"
     scatternet = "scatternet"
     resnet18 = "resnet18"
 

@@ -1,5 +1,6 @@
 """The fused DP-SGD path computes what Opacus's hooks compute: per-sample gradients, clipped sums, noise, steps."""
 
+import copy
 import logging
 import math
 import warnings
@@ -281,3 +282,28 @@ def test_resnet18_trains_with_dp_through_opacus_hooks(make_config):
     privacy = SitePrivacy(8.0, 1e-5, 1.1, 1 / 2, 2, 1.0, 3)
     update = train_locally(model, data, config, privacy, torch.Generator().manual_seed(0))
     assert update.steps == 2 and all(math.isfinite(float(d.abs().sum())) for d in update.delta.values())
+
+
+def test_weight_standardised_convolutions_get_per_sample_gradients_through_the_standardisation():
+    """model "cnn-ws": Opacus's hooks (the grad sampler common.models registers) and the fused path's vmap give
+    each example's autograd gradient with respect to the raw weights; the layer algebra, which would treat the
+    layer as a plain convolution, refuses it by name instead."""
+    torch.manual_seed(0)
+    model = build_model("cnn-ws", in_channels=1, num_classes=10, image_size=28)
+    reference = copy.deepcopy(model)
+    x, y = _batch(5, seed=3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vmapped, _ = by_vmap(copy.deepcopy(model))(params, dict(model.named_buffers()), x, y)
+    with pytest.raises(NotLayerwise, match="features.0"):
+        layerwise(copy.deepcopy(model), (1, 28, 28))
+    hooked = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        nn.functional.cross_entropy(hooked(x), y, reduction="sum").backward()
+    for i in range(len(y)):
+        loss = nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1])
+        autograd = torch.autograd.grad(loss, list(reference.parameters()))
+        for (name, p), expected in zip(model.named_parameters(), autograd, strict=True):
+            torch.testing.assert_close(p.grad_sample[i], expected, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(vmapped[name][i], expected, rtol=1e-4, atol=1e-6)
+    hooked.to_standard_module()
