@@ -69,7 +69,9 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
 
     With `privacy`, this is DP-SGD whose PRV accountant is loaded with the site's whole history, so its epsilon is
     composed over every round so far. `generator` drives Poisson sampling and the noise, reproducibly; with
-    `secure_noise` both come from a fresh AES-CTR stream instead (deployed sites) and `generator` is unused.
+    `secure_noise` both come from a fresh AES-CTR stream instead (deployed sites), and `generator` drives only the
+    augmentation's shifts (augmentations > 1), which need no secrecy: each unit's clipped gradient is bounded by C
+    whatever the shifts.
     `audit` sees the round's optimizer before its first step (white-box canaries, client.canaries).
     `fresh_process`: this process exits after the round (client.fused_dp.choose_engine weighs compiling by it).
     """
@@ -174,10 +176,12 @@ def patients_per_batch(config: RunConfig, data: SiteData) -> int:
 
 def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
                       generator: torch.Generator) -> LocalUpdate:
-    """The non-private baseline: shuffled fixed-size batches, plain SGD."""
+    """The non-private baseline: shuffled fixed-size batches, plain SGD (on `augmentations` shifted copies of each
+    image, the loss their mean, as the private path does)."""
     device = next(model.parameters()).device
     global_weights = _weights(model)
-    trained, data = _on_features(model, data)
+    copies = config.augmentations
+    trained, data = _on_features(model, data, copies)
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=config.batch_size, shuffle=True,
                         generator=generator)
     optimizer = torch.optim.SGD(trained.parameters(), lr=config.step_size, momentum=config.momentum)
@@ -186,7 +190,10 @@ def _train_without_dp(model: nn.Module, data: SiteData, config: RunConfig,
     for _ in range(config.local_epochs):
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(trained(x.to(device)), y.to(device))
+            x, y = x.to(device), y.to(device)
+            if copies > 1:
+                x, y, _ = augmented_copies(model, x, y, torch.arange(len(y), device=device), copies, generator)
+            loss = nn.functional.cross_entropy(trained(x), y)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))

@@ -264,3 +264,18 @@ def test_augmented_copies_are_shifts_within_the_bound_with_the_border_replicated
         offsets = [(dy, dx) for dy in range(5) for dx in range(5)
                    if torch.equal(padded[:, dy : dy + 28, dx : dx + 28], moved)]
         assert len(offsets) == 1
+
+
+def test_the_non_private_baseline_trains_on_the_same_augmented_copies(make_config, monkeypatch):
+    """Without DP too, `augmentations` = K means each batch is K shifted copies of its images (the comparison with
+    a private run of the same recipe stays like for like)."""
+    import client.augmentation
+
+    seen: list[int] = []
+    shifts = client.augmentation.random_shifts
+    monkeypatch.setattr(client.augmentation, "random_shifts",
+                        lambda images, shift, generator: seen.append(len(images)) or shifts(images, shift, generator))
+    config = make_config(dp=False, batch_size=8, local_epochs=1, augmentations=3)
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
+    update = train_locally(model, _site(list(range(16))), config, None, torch.Generator().manual_seed(0))
+    assert seen == [24, 24] and update.steps == 2 and math.isfinite(update.train_loss)
