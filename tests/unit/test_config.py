@@ -120,3 +120,13 @@ def test_noise_is_calibrated_for_the_rounds_a_sampled_site_expects_to_train(make
         below = sum(math.comb(rounds, j) * rate**j * (1 - rate) ** (rounds - j) for j in range(k))
         assert below < PARTICIPATION_QUANTILE <= below + math.comb(rounds, k) * rate**k * (1 - rate) ** (rounds - k) \
             or k == 1
+
+
+def test_local_epochs_zero_takes_the_recipe_for_the_studys_epsilon():
+    assert resolve(overrides={"local-epochs": 0, "target-epsilon": 1.0}).local_epochs == 1
+    assert resolve(overrides={"local-epochs": 0, "target-epsilon": 3.0}).local_epochs == 1
+    assert resolve(overrides={"local-epochs": 0, "target-epsilon": 8.0}).local_epochs == 2
+    assert resolve(overrides={"local-epochs": 0, "dp": False}).local_epochs == 2
+    assert resolve(overrides={"local-epochs": 3, "target-epsilon": 1.0}).local_epochs == 3  # an explicit choice
+    with pytest.raises(ConfigError, match="local-epochs"):
+        resolve(overrides={"local-epochs": -1})
