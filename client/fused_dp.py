@@ -194,9 +194,11 @@ def _fused_function(model: nn.Module, image_shape: tuple[int, ...], patients: bo
 
 
 def _architecture(model: nn.Module) -> tuple:
-    """What a compiled graph depends on besides the inputs' shapes: the model's class, weight shapes and device."""
-    return (type(model).__name__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
-            str(next(model.parameters()).device))
+    """What a compiled graph depends on besides the inputs' shapes: the classes of the model and every submodule
+    (the CNN and the weight-standardised CNN have the same weights but not the same function), weight shapes and
+    device."""
+    return (tuple(type(m).__qualname__ for m in model.modules()),
+            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), str(next(model.parameters()).device))
 
 
 def _clipped_sum_function(per_sample: PerSample, patients: bool) -> Callable:

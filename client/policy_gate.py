@@ -152,7 +152,7 @@ def accepting_policy(config: RunConfig) -> SitePolicy:
         secagg_required=config.secagg, require_signatures=config.secagg_identities,
         min_cohort=config.secagg_min_cohort, min_neighbours=1,
         max_dropout_rate=min(max(config.secagg_dropout_rate, auto_rate), 0.49), max_cohort=max(config.num_sites, 3),
-        models=(config.model,), send_evaluation_metrics=True)
+        models=(config.model,), max_augmentations=config.augmentations, send_evaluation_metrics=True)
 
 
 def state_dir(context: Context, config: RunConfig, site: int) -> Path:

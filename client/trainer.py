@@ -103,8 +103,8 @@ def train_locally(model: nn.Module, data: SiteData, config: RunConfig, privacy: 
                 if copies == 1:
                     losses.append(_image_step(module, optimizer, data, rows, fused))
                     continue
-                units = [rows[i : i + 1] for i in range(len(rows))]  # each image its own unit, K copies of it
-                losses.append(_grouped_step(module, optimizer, _grouped(model, data, units, copies, generator),
+                images = list(rows.split(1))  # each image its own unit, K copies of it
+                losses.append(_grouped_step(module, optimizer, _grouped(model, data, images, copies, generator),
                                             fused))
     privacy.record_steps(accountant.state_dict())
     kept = [loss for loss in losses if loss is not None]
@@ -327,24 +327,24 @@ def _grouped(model: nn.Module, data: SiteData, units: list[torch.Tensor], copies
 def _grouped_step(module: nn.Module, optimizer: DPOptimizer, batch: _Grouped | None,
                   fused: FusedClipping | None) -> float | None:
     """One DP-SGD step over grouped rows: each unit's per-row gradients summed (times `scale`) into one sample
-    before clipping; its mean per-unit loss, or None for a noise-only step."""
+    before clipping; its mean per-row loss (local, never released), or None for a noise-only step."""
     optimizer.zero_grad(set_to_none=True)
     if batch is None:
         _noise_only_step(module, optimizer)
         return None
-    units = int(batch.owner[-1]) + 1
     if fused is not None:
         fused.stage(batch.x, batch.y, batch.owner, batch.scale)
         optimizer.step()
         return fused.loss
     loss = nn.functional.cross_entropy(module(batch.x), batch.y, reduction="sum") * batch.scale
     loss.backward()
+    units = int(batch.owner[-1]) + 1
     for p in module.parameters():
         if p.requires_grad and p.grad_sample is not None:
             per_unit = torch.zeros((units, *p.shape), dtype=p.grad_sample.dtype, device=p.grad_sample.device)
             p.grad_sample = per_unit.index_add_(0, batch.owner, p.grad_sample)
     optimizer.step()
-    return float(loss.detach()) / units
+    return float(loss.detach()) / (len(batch.y) * batch.scale)
 
 
 def _noise_only_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -53,7 +53,8 @@ def recipe_local_epochs(dp: bool, target_epsilon: float) -> int:
     """`local-epochs = 0`: the local epochs chosen on the validation half (README "Privacy-utility", three seeds).
     Below epsilon 8 one epoch: half the steps buy a smaller noise multiplier, worth more than the steps (the
     noise/batch trade-off). At epsilon 8 and without DP, two: the noise grows slowly enough that the steps win.
-    Between 3 and 8 it was not measured; one epoch is the choice that held at both 1 and 3."""
+    Between 3 and 8 it was not measured; one epoch is the choice that held at both 1 and 3. Epochs are study-wide
+    (every site is sent the same), so this reads the study's target epsilon, not a site's own budget."""
     return 2 if not dp or target_epsilon >= 8 else 1
 
 
@@ -215,7 +216,9 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges; raise ConfigError naming the key, the value and the fix."""
-        positive_ints = ("num_server_rounds", "num_sites", "local_epochs", "batch_size", "client_threads",
+        if self.local_epochs < 1:
+            _fail("local_epochs", self.local_epochs, "must be at least 1 (0: the recipe for the study's epsilon)")
+        positive_ints = ("num_server_rounds", "num_sites", "batch_size", "client_threads",
                          "global_test_size", "min_site_images")
         for name in positive_ints:
             if getattr(self, name) < 1:

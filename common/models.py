@@ -28,6 +28,11 @@ class StandardizedConv2d(nn.Conv2d):
 
     EPS = 1e-5
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("StandardizedConv2d's grad sampler takes groups = 1 and numeric zero padding only")
+
     def standardized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(standardised weight, each filter's scale sqrt(var + eps))."""
         weight = self.weight
@@ -197,10 +202,9 @@ def trained_part(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, tor
     """The part of `model` that has parameters, and its input for `images`. A model with a fixed, parameter-free
     `frontend` (ScatterNet) gets its features computed here (no gradient, no labels), to be reused across steps,
     epochs or rounds: head(features) is head(frontend(images)). Any other model is itself, on the images."""
-    frontend = getattr(model, "frontend", None)
-    if frontend is None:
+    if not hasattr(model, "frontend"):
         return model, images
-    return trained_module(model), _FEATURES.of(frontend, images, next(model.parameters()).device)
+    return trained_module(model), _FEATURES.of(model.frontend, images, next(model.parameters()).device)
 
 
 def trained_module(model: nn.Module) -> nn.Module:

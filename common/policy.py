@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import CareFedError
-from common.study import MODELS, PrivacySection, SecAggSection, StudySection
+from common.study import MAX_AUGMENTATIONS, MODELS, PrivacySection, SecAggSection, StudySection
 
 PRIVACY_UNITS = ("image", "patient")  # weakest first: a patient-level policy refuses image-level training
 # Hard ceilings on what a policy itself may allow: they keep noise calibration bounded in time and memory
@@ -57,6 +57,7 @@ class SitePolicy:
     max_dropout_rate: float = 0.4
     max_cohort: int = 1000
     models: tuple[str, ...] = MODELS
+    max_augmentations: int = 4
     send_evaluation_metrics: bool = True
 
     @classmethod
@@ -92,6 +93,8 @@ class SitePolicy:
             bad("max-dropout-rate", "must be in [0, 0.5): above, an active server can split the cohort")
         if not self.models:
             bad("models", "must list the model architectures this site trains")
+        if not 1 <= self.max_augmentations <= MAX_AUGMENTATIONS:
+            bad("max-augmentations", f"must be 1 (none) to {MAX_AUGMENTATIONS}")
 
     def to_mapping(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -104,6 +107,8 @@ class SitePolicy:
             raise PolicyRefusal("study-id", study.study_id, f"only the studies {list(self.studies)}")
         if study.model not in self.models:
             raise PolicyRefusal("model", study.model, f"only {list(self.models)}")
+        if study.augmentations > self.max_augmentations:  # compute: K gradients per sampled image, every step
+            raise PolicyRefusal("augmentations", study.augmentations, f"at most {self.max_augmentations}")
         self.check_privacy(privacy)
         self.check_secagg(secagg)
 
@@ -218,6 +223,9 @@ max-cohort = {max_cohort}
 
 # Model architectures this site trains.
 models = {models}
+# The most augmented copies of each sampled image a study may ask this site to compute gradients on (each copy
+# costs a forward and backward pass; privacy is unchanged). 1: none.
+max-augmentations = {max_augmentations}
 # Send local test loss and accuracy (computed without DP on the local test split) to the coordinator.
 send-evaluation-metrics = {send_evaluation_metrics}
 """

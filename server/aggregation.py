@@ -109,7 +109,7 @@ class ModelAverage:
     state: dict[str, np.ndarray] = field(default_factory=dict)  # "sum": the decayed sum, "weight": its total weight
 
     def update(self, weights: Mapping[str, np.ndarray]) -> Weights:
-        flat = flatten(weights).astype(np.float64)
+        flat = flatten(weights)
         self.state["sum"] = self.decay * self.state.get("sum", 0.0) + flat
         self.state["weight"] = np.asarray(self.decay * float(self.state.get("weight", 0.0)) + 1.0)
         return unflatten(self.state["sum"] / self.state["weight"], weights)

@@ -94,8 +94,8 @@ class FederatedTraining:
                                                 config.server_momentum)
         # parameter averaging (server-averaging > 0): a second model, scored on the same test set and saved beside
         self.average = ModelAverage(config.server_averaging) if config.server_averaging else None
-        self.averaged = copy.deepcopy(self.model)
-        self.averaged_scored = trained_module(self.averaged)  # on the same inputs as self.scored
+        self.averaged = copy.deepcopy(self.model) if self.average else None
+        self.averaged_scored = trained_module(self.averaged) if self.averaged else None  # inputs as self.scored
 
     def _identities(self) -> IdentityVerifier | None:
         """Simulation: enrol every virtual site with a per-run study CA (its key is thrown away), so the signed path
@@ -118,7 +118,7 @@ class FederatedTraining:
             self.folder.fail(str(err) if isinstance(err, RunInterrupted) else f"{type(err).__name__}: {err}")
             raise
         self.folder.finish(last_round, self.model.state_dict(), reason,
-                           self.averaged.state_dict() if self.average else None)
+                           self.averaged.state_dict() if self.averaged else None)
         log(INFO, "CareFed run finished after %d round(s) (%s). Run folder: %s", last_round, reason, self.folder.path)
 
     def _rounds(self) -> tuple[int, str]:
@@ -163,6 +163,7 @@ class FederatedTraining:
         """Fold this round's global model into the moving average, if the run keeps one."""
         if self.average is None:
             return
+        assert self.averaged is not None
         averaged = self.average.update({k: v.numpy() for k, v in self.model.state_dict().items()})
         self.averaged.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
 
@@ -305,7 +306,7 @@ class FederatedTraining:
                 cohort: Iterable[int] = ()) -> None:
         """The round's row; its sites' accuracies follow (`_amend_sites`) when they evaluate its model."""
         loss, acc = evaluate_model(self.scored, self.test_x, self.test_y)
-        averaged = evaluate_model(self.averaged_scored, self.test_x, self.test_y)[1] if self.average else None
+        averaged = evaluate_model(self.averaged_scored, self.test_x, self.test_y)[1] if self.averaged_scored else None
         latest_epsilon = [reports[-1]["epsilon"] for reports in self.folder.privacy.values() if reports]
         row: dict[str, Any] = {
             "round": server_round,

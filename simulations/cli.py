@@ -111,7 +111,8 @@ def simulate(
     sites: Annotated[int | None, typer.Option(help="Number of hospitals (virtual SuperNodes).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
     per_round: Annotated[int | None, typer.Option(help="Sites sampled per round (0: all that can train).")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round (0: the recipe for the study's epsilon).")] = None,
+    local_epochs: Annotated[int | None, typer.Option(
+        help="Local epochs per round (0: the recipe for the study's epsilon).")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Target epsilon per site for the whole run.")] = None,
     delta: Annotated[float | None, typer.Option(help="Target delta per site.")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Non-private baseline (no clipping, no noise).")] = False,

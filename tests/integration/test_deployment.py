@@ -152,19 +152,38 @@ def test_a_coordinator_asking_beyond_a_sites_policy_is_refused_and_it_is_on_reco
         assert code == 0 and any(r["run_id"] == "greedy" for r in report["refusals"])
 
 
-def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(deployed):
+@pytest.fixture(scope="module")
+def second_study(deployed):
+    """The three hospitals enrolled in a second study (its identities beside the first's), an impostor with a
+    registered node key (it passes Flower's node authentication) but an identity from another CA (an invented
+    site), and two one-round runs of the second study: the coordinator without the study CA (it relays the
+    impostor) and with it (it drops the impostor and the hospitals train). One set of runs serves both tests."""
     deployment, _ = deployed
     make_study(deployment.work / "study-2", sites=SITES, hosts=["localhost"], study="carefed-demo-2")
     for site in SITES:  # each site's identity for the second study, beside its first (one folder per study id)
         (deployment.work / "study-2" / "sites" / site).rename(deployment.study.site(site) / "carefed-demo-2")
-    _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 1, "target-epsilon": 3.0,
-                                "study-id": "carefed-demo-2", "output-dir": str(deployment.work / "runs"),
-                                "run-name": "second-study",
-                                "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
+    make_study(deployment.study.root, sites=[*SITES, "impostor"], hosts=["localhost"])
+    deployment.register("impostor")
+    # the second study's id in its certificate, but another CA
+    make_study(deployment.work / "other-ca", sites=["impostor"], hosts=["localhost"], study="carefed-demo-2")
+    impostor = deployment.study.site("impostor")
+    deployment.start_supernode("site-0", 7, key=impostor / "node.key", ca=impostor / "ca.crt", name="impostor",
+                               identity=deployment.work / "other-ca" / "sites" / "impostor")
+    deployment.wait_online(len(SITES) + 1)
+    common = {"num-sites": len(SITES) + 1, "num-server-rounds": 1, "output-dir": str(deployment.work / "runs"),
+              "study-id": "carefed-demo-2", "target-epsilon": 1.0}
+    _, relayed = deployment.run({**common, "run-name": "impostor-relayed"})
+    _, dropped = deployment.run({**common, "run-name": "impostor-dropped",
+                                 "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
+    return deployment, relayed, dropped
+
+
+def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(second_study):
+    deployment, _, status = second_study
     assert status == "finished:completed", deployment.log("superlink")[-3000:]
     for site in SITES:
         ledger = PrivacyLedger(deployment.work / "state" / site / "ledger.sqlite", create=False)
-        spends = ledger.spends()
+        spends = ledger.spends()  # the relayed run refused before any key: it spent nothing
         assert [e.study for e in spends] == ["carefed-demo"] * ROUNDS + ["carefed-demo-2"]
         history = tuple(h for e in (spends[ROUNDS - 1], spends[-1]) for h in e.history)  # both runs, composed
         independent = pld_epsilon(list(history), spends[-1].lifetime_delta)
@@ -178,22 +197,10 @@ def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(deployed):
         assert lifetime["lifetime_epsilon_recomputed"] == pytest.approx(independent, rel=1e-6)
 
 
-def test_a_site_enrolled_by_another_ca_is_refused_by_its_peers_and_dropped_by_the_coordinator(deployed):
-    """An impostor with a registered node key (it passed Flower's node authentication) but an identity from
-    another CA (an invented site). Without the CA, the coordinator relays it and every honest site refuses the
-    round by name before sending a share; with the CA, the coordinator drops it and the three hospitals train."""
-    deployment, _ = deployed
-    make_study(deployment.study.root, sites=[*SITES, "impostor"], hosts=["localhost"])
-    deployment.register("impostor")
-    # the second study (the first one's budget is spent), its id in the certificate, but another CA
-    make_study(deployment.work / "other-ca", sites=["impostor"], hosts=["localhost"], study="carefed-demo-2")
-    impostor = deployment.study.site("impostor")
-    deployment.start_supernode("site-0", 7, key=impostor / "node.key", ca=impostor / "ca.crt", name="impostor",
-                               identity=deployment.work / "other-ca" / "sites" / "impostor")
-    deployment.wait_online(len(SITES) + 1)
-    common = {"num-sites": len(SITES) + 1, "num-server-rounds": 1, "output-dir": str(deployment.work / "runs"),
-              "study-id": "carefed-demo-2", "target-epsilon": 1.0}
-    deployment.run({**common, "run-name": "impostor-relayed"})
+def test_a_site_enrolled_by_another_ca_is_refused_by_its_peers_and_dropped_by_the_coordinator(second_study):
+    """Without the study CA, the coordinator relays the impostor and every honest site refuses the round by name
+    before sending a share; with the CA, the coordinator drops it and the three hospitals train."""
+    deployment, _, _ = second_study
     relayed = json.loads((deployment.work / "runs" / "impostor-relayed" / "metrics.json").read_text())["rounds"][1]
     assert relayed["updates-aggregated"] == 0 and relayed["secagg-aborted"]
     assert len(relayed["secagg-dropped"]["share-keys-aborted"]) == len(SITES) + 1  # (it trusts no one either)
@@ -202,8 +209,6 @@ def test_a_site_enrolled_by_another_ca_is_refused_by_its_peers_and_dropped_by_th
                   .splitlines() if json.loads(line)["run"] == "impostor-relayed"]
         refusal = next(line for line in egress if line["stage"] == "share-keys")
         assert refusal["status"]["reason"].startswith("BAD_SIGNATURE")  # no share left the site
-    deployment.run({**common, "run-name": "impostor-dropped",
-                    "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
     dropped = json.loads((deployment.work / "runs" / "impostor-dropped" / "metrics.json").read_text())["rounds"][1]
     assert dropped["updates-aggregated"] == len(SITES) and not dropped["secagg-aborted"]
     assert len(dropped["secagg-dropped"]["advertise-keys-bad-identity"]) == 1

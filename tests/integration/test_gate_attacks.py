@@ -317,6 +317,15 @@ def test_a_patient_level_policy_refuses_image_level_training_before_anything(dat
     _assert_refused_before_anything(grid, sites, outcome, "policy refuses privacy-unit")
 
 
+def test_more_augmented_copies_than_the_policy_allows_are_refused_before_anything(data_root, tmp_path):
+    """Augmentation multiplicity costs the site K forward and backward passes per sampled image: a coordinator
+    asking more copies than the site's policy allows (a compute attack; privacy is unchanged) is refused by name."""
+    sites = _sites(data_root, tmp_path, dataclasses.replace(PLAIN, max_augmentations=2), **PLAIN_NODE)
+    grid = DeployedGrid(sites)
+    outcome = _deliver(grid, _train_request(_config(tmp_path, secagg=False, augmentations=16), 1))
+    _assert_refused_before_anything(grid, sites, outcome, "policy refuses augmentations: asked 16")
+
+
 @pytest.mark.parametrize("message_type", ["query", "train.other", "evaluate.other"])
 def test_a_message_type_outside_the_protocol_touches_nothing(message_type, data_root, tmp_path):
     sites = _sites(data_root, tmp_path)

@@ -106,7 +106,9 @@ def test_server_side_and_feature_options_change_the_model_but_no_sites_epsilon(m
             "server-side": {"model": "cnn-ws", "server_optimizer": "fedadam", "server_learning_rate": 0.01,
                             "server_momentum": 0.9, "server_averaging": 0.5},
             "features": {"model": "scatternet", "augmentations": 2}}
-    runs = {arm: run_simulation(make_config(num_sites=3, num_server_rounds=2, run_name=arm, **settings))
+    # one round, Opacus's hooks: what is compared is the accounting, and compiling three models costs a minute
+    runs = {arm: run_simulation(make_config(num_sites=3, num_server_rounds=1, run_name=arm, dp_sgd_engine="opacus",
+                                            **settings))
             for arm, settings in arms.items()}
     for site in range(3):
         reports = {arm: _read(run, f"privacy/site-{site:04d}.json")["reports"] for arm, run in runs.items()}
@@ -116,12 +118,15 @@ def test_server_side_and_feature_options_change_the_model_but_no_sites_epsilon(m
     saved = {arm: torch.load(run / "model_final.pt", weights_only=False) for arm, run in runs.items()}
     final = {arm: content["state_dict"] for arm, content in saved.items()}
     assert sorted(final["features"]) == ["head.2.bias", "head.2.weight"]  # no filter bank is ever sent
-    checkpoint = torch.load(runs["server-side"] / "checkpoints" / "round-0002.pt", weights_only=False)
+    checkpoint = torch.load(runs["server-side"] / "checkpoints" / "round-0001.pt", weights_only=False)
     assert set(checkpoint["server_optimizer"]) == {"first", "second"}
     assert set(checkpoint["model_average"]) == {"sum", "weight"}
-    # the average of the rounds' global models is saved and scored beside the global model
+    # the average of the rounds' global models is saved and scored beside the global model; after one round the
+    # bias-corrected average is that round's model (no pull towards zero or the initial model)
     averaged = saved["server-side"]["averaged_state_dict"]
-    assert any(not torch.equal(averaged[k], final["server-side"][k]) for k in averaged)
+    assert sorted(averaged) == sorted(final["server-side"])
+    for key, value in averaged.items():
+        torch.testing.assert_close(value, final["server-side"][key])
     assert "averaged_state_dict" not in saved["fedavg"]
     rounds = _read(runs["server-side"], "metrics.json")["rounds"]
     assert all(0.0 <= r["averaged-accuracy"] <= 1.0 for r in rounds)
