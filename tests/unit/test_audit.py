@@ -7,7 +7,7 @@ import pytest
 from opacus.accountants import PRVAccountant
 
 from common.privacy import patient_level_epsilon, pld_epsilon
-from common.privacy.audit import audit_run, audit_site
+from common.privacy.audit import audit_run, audit_site, disagrees
 from common.privacy.ledger import LedgerEntry, PrivacyLedger
 
 SIGMA, RATE, STEPS = 1.2, 0.05, 40
@@ -98,3 +98,16 @@ def test_patient_level_epsilon_is_exact_for_one_image_and_grows_with_images_per_
     assert patient_level_epsilon(history, 1e-5, 1) == pytest.approx(record, rel=1e-9)
     two, four = patient_level_epsilon(history, 1e-5, 2), patient_level_epsilon(history, 1e-5, 4)
     assert record < two < four
+
+
+def test_a_correct_small_epsilon_agrees_with_the_independent_accountant_and_a_wrong_one_does_not():
+    """Opacus's PRV accountant logs an upper estimate within 0.01 on either side: at epsilon ~1 (one round of five
+    steps) a correct log may be 1-2% above the PLD accountant and must pass; a log off by more still fails."""
+    history = [(2.2, 0.2, 5)]
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    logged, recomputed = accountant.get_epsilon(1e-5), pld_epsilon(history, 1e-5)
+    assert 0.5 < recomputed < 2.0
+    assert not disagrees(logged, recomputed)
+    assert disagrees(recomputed - 0.03, recomputed) and disagrees(recomputed + 0.03, recomputed)
+    assert disagrees(0.9 * 8.0, 8.0) and not disagrees(8.05, 8.0)
