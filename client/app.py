@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from client.egress import ALLOW_PLAIN_KEY, egress_guard
 from client.identity import STATE_DIR_KEY, is_simulated
 from client.policy_gate import policy_gate, simulated_site_folder
-from client.secagg_mod import secagg_mod
+from client.secagg_mod import next_round_mod, secagg_mod
 from client.simulated_faults import fault_mod
 from common.logs import tidy_logging
 
@@ -25,11 +25,12 @@ def _plain_allowed(context: Context) -> bool:
     return is_simulated(context) or str(context.node_config.get(ALLOW_PLAIN_KEY, "false")).lower() == "true"
 
 
-# Outermost first. egress_guard checks every reply as it leaves (after masking); policy_gate refuses, by name,
-# any request beyond the site's policy before anything is computed; fault_mod: scenario-driven dropouts,
-# simulated sites only; secagg_mod: secure aggregation (plain messages pass through).
-app = ClientApp(mods=[egress_guard(_egress_log_dir, plain_allowed=_plain_allowed), policy_gate, fault_mod,
-                      secagg_mod])
+# Outermost first. egress_guard checks every reply as it leaves (after masking); next_round_mod answers the next
+# round's advertise request that rides on an unmask request as a request of its own, through everything below;
+# policy_gate refuses, by name, any request beyond the site's policy before anything is computed; fault_mod:
+# scenario-driven dropouts, simulated sites only; secagg_mod: secure aggregation (plain messages pass through).
+app = ClientApp(mods=[egress_guard(_egress_log_dir, plain_allowed=_plain_allowed), next_round_mod, policy_gate,
+                      fault_mod, secagg_mod])
 
 
 # client.site (torch, Opacus) is imported only when a message needs training or evaluation: a deployed SuperNode

@@ -10,11 +10,16 @@ Context.state between stages (the ClientApp is re-created for every message) and
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+import copy
+from logging import WARNING
 
-from client.policy_gate import enrolment_for
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
+
+from client.policy_gate import enrolment_for, refuse
 from common import messages
 from common.errors import CareFedError
 from common.secagg.client import Advertisement, ClientSession, Enrolment
@@ -30,14 +35,68 @@ from common.secagg.stages import (
     MaskedInputRequest,
     ShareKeysReply,
     ShareKeysRequest,
+    Stage,
     UnmaskReply,
     UnmaskRequest,
     parse_request,
 )
+from common.study import RequestError
 from common.update_codec import clip_l2, flatten
 from common.wire import npy_array
 
 SESSION_STATE = "carefed.secagg-session"
+
+
+def next_round_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """An unmask request may carry the next round's advertise request (messages.SECAGG_NEXT). The site answers
+    the unmask request, then the advertise request as a request of its own, through everything inside this mod
+    (the policy gate and its state-folder check, scenario faults, the secure-aggregation mod), and sends both
+    answers in one reply: the egress guard outside checks it whole. The next round's refusal or abort leaves as
+    its status (messages.STATUS_NEXT) and never costs this round's unmask reply; if it fails outright, the reply
+    carries no next-round part and the coordinator asks again in the next round."""
+    if messages.SECAGG_NEXT not in msg.content:
+        return call_next(msg, context)
+    current = _without(msg.content, messages.SECAGG_NEXT)
+    stage = current.get(messages.SECAGG)
+    if msg.metadata.message_type != MessageType.TRAIN or not isinstance(stage, ConfigRecord) \
+            or stage.get("stage") != Stage.UNMASK:
+        err = RequestError("a next round's advertise request rides only on an unmask request")
+        return Message(refuse(current, context, err), reply_to=msg)
+    reply = call_next(_part(msg, current, msg.metadata.group_id), context)
+    if reply.has_error():
+        return reply
+    answer = RecordDict(dict(reply.content.items()))
+    upcoming = _without(current, messages.SECAGG)
+    upcoming[messages.SECAGG] = msg.content[messages.SECAGG_NEXT]
+    server_round = stage.get("round")
+    advertise = msg.content[messages.SECAGG_NEXT]
+    if not isinstance(advertise, ConfigRecord) or advertise.get("stage") != Stage.ADVERTISE \
+            or not isinstance(server_round, int) or advertise.get("round") != server_round + 1:
+        err = RequestError("the next round's request is not an advertise request for the round after this one")
+        answer[messages.STATUS_NEXT] = refuse(upcoming, context, err)[messages.STATUS]
+        return Message(answer, reply_to=msg)
+    try:
+        upcoming_reply = call_next(_part(msg, upcoming, str(server_round + 1)), context)
+    except Exception as err:  # noqa: BLE001 - the next round's failure must not cost this round's unmask reply
+        log(WARNING, "the next round's advertise request failed (%s); the coordinator will ask again",
+            type(err).__name__)
+        return Message(answer, reply_to=msg)
+    if not upcoming_reply.has_error():
+        part = upcoming_reply.content
+        name = messages.STATUS_NEXT if messages.STATUS in part else messages.SECAGG_NEXT
+        answer[name] = part[messages.STATUS if name == messages.STATUS_NEXT else messages.SECAGG]
+    return Message(answer, reply_to=msg)
+
+
+def _without(content: RecordDict, name: str) -> RecordDict:
+    return RecordDict({key: record for key, record in content.items() if key != name})
+
+
+def _part(msg: Message, content: RecordDict, group_id: str) -> Message:
+    """One request of a bundle, as its own message (the same sender and run; its own round)."""
+    metadata = copy.copy(msg.metadata)
+    metadata.group_id = group_id
+    return make_message(metadata, content)
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

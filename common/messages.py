@@ -24,3 +24,7 @@ STAGE_ADVERTISE = "advertise-keys"
 STAGE_SHARE_KEYS = "share-keys"
 STAGE_MASKED_INPUT = "masked-input"
 STAGE_UNMASK = "unmask"
+# The next round's advertise request rides on this round's unmask request (one exchange fewer a round); the site
+# answers it beside its unmask reply: its advertisement, or the status of its refusal or abort.
+SECAGG_NEXT = "secagg-next"
+STATUS_NEXT = "status-next"

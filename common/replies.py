@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from common import messages
-from common.secagg.stages import MalformedMessage, Stage, parse_reply
+from common.secagg.stages import AdvertiseReply, MalformedMessage, Stage, parse_reply
 from common.wire import array_view
 
 MAX_REASON_CHARS = 400
@@ -33,6 +33,9 @@ PRIVACY_SCALARS = {"site", "epsilon", "epsilon-independent", "delta", "budget-ep
                    "planned-rounds", "max-images-per-patient"}
 PRIVACY_LISTS = {"history-noise", "history-rate", "history-steps"}
 STATES = {messages.STATE_TRAINED, messages.STATE_REFUSED, messages.STATE_ABORTED}
+
+
+NextRound = AdvertiseReply | tuple[str, str] | None  # a site's answer to the next round's advertise request
 
 
 class ReplyRefused(ValueError):
@@ -85,7 +88,35 @@ def check_reply(message_type: str, stage: str, request: RecordDict, reply: Recor
         _arrays(reply[messages.UPDATE], {k: (s, np.float32) for k, s in model_shapes.items()})
 
 
+def split_next_round(request: RecordDict, reply: RecordDict) -> tuple[RecordDict, NextRound]:
+    """The reply without its next-round part, and that part: the site's advertisement for the next round, the
+    (state, reason) of its refusal or abort, or None where it sent neither. Only a request that carried the next
+    round's advertise request (an unmask request, common.messages.SECAGG_NEXT) may be answered with one."""
+    names = {messages.SECAGG_NEXT, messages.STATUS_NEXT} & set(reply.keys())
+    if not names:
+        return reply, None
+    if messages.SECAGG_NEXT not in request:
+        raise ReplyRefused(f"record '{sorted(names)[0]}' answers no next-round request")
+    if len(names) > 1:
+        raise ReplyRefused("both an advertisement and a status for the next round")
+    [name] = names
+    record = reply[name]
+    if not isinstance(record, ConfigRecord):
+        raise ReplyRefused(f"record '{name}' is not a config record")
+    rest = RecordDict({key: value for key, value in reply.items() if key != name})
+    if name == messages.STATUS_NEXT:
+        _status(record)
+        if record["state"] == messages.STATE_TRAINED:
+            raise ReplyRefused("a next-round status that is not a refusal or an abort")
+        return rest, (str(record["state"]), str(record["reason"]))
+    try:
+        return rest, parse_reply(Stage.ADVERTISE, record, 0)
+    except MalformedMessage as err:
+        raise ReplyRefused(f"next round: {err}") from None
+
+
 def _secagg_reply(stage: str, request: RecordDict, reply: RecordDict) -> None:
+    reply, _ = split_next_round(request, reply)
     if messages.STATUS in reply:  # the site aborted or refused the request: a status and nothing else
         _records(reply, {messages.STATUS: ConfigRecord}, required={messages.STATUS})
         _status(reply[messages.STATUS])

@@ -1,5 +1,7 @@
-# A partner hospital: Flower's official SuperNode image for the pinned flwr, plus CareFed (the ClientApp runs as
-# the SuperNode's subprocess). Images, keys and the privacy ledger are mounted; nothing site-specific is baked in.
+# A partner hospital: Flower's official SuperNode image for the pinned flwr, plus CareFed. The entrypoint is
+# carefed-supernode: Flower's SuperNode with CareFed's SuperExec, so every ClientApp task runs the CareFed installed
+# here, never the app the coordinator sends (client/launcher.py). Images, keys and the privacy ledger are mounted;
+# nothing site-specific is baked in.
 # Build from the repository root:  docker build -f docker/hospital.Dockerfile -t carefed/hospital .
 FROM flwr/supernode:1.42.0
 
@@ -21,4 +23,5 @@ USER app
 ENV FLWR_TELEMETRY_ENABLED=0
 # the SuperNode's SuperExec checks its local runtime for a new task every 0.1 s instead of 1 s (README, Deployment)
 ENV FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1
-# flower-supernode is the base image's entrypoint; compose.yml passes the SuperLink, CA, node key and node config.
+# compose.yml passes flower-supernode's arguments: the SuperLink, CA, node key and node config.
+ENTRYPOINT ["carefed-supernode"]

@@ -5,7 +5,8 @@ Why not `grid.send_and_receive`: Flower 1.42's deployed grid sleeps a fixed 3 s 
 0.1 s), so every exchange of a deployed round waited up to 3 s after the last reply arrived; and a ServerApp thread
 blocked there could not be stopped, so an interrupted simulation kept its process alive until the round timed out.
 Here the pull interval starts at 20 ms and backs off to 0.5 s: one cheap `PullMessages` call to the SuperLink per
-interval while a round is waiting.
+interval while a round is waiting. In simulation, CareFed's dispatch loop (simulations/dispatch.py) also sets
+REPLY_STORED whenever the engine stores a reply, which ends the wait at once.
 
 Grids that are not Flower's own (the test and benchmark harnesses that stand in for a coordinator's hands, which
 deliver synchronously) keep their own `send_and_receive`.
@@ -70,6 +71,9 @@ class StopSignal:
 
 
 STOP = StopSignal()
+# Set by the simulation engine's dispatch loop when it stores a reply (simulations/dispatch.py); never deployed,
+# where the wait is the pull interval. One per process: a missed wake-up only costs that interval.
+REPLY_STORED = threading.Event()
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[tuple[int, Message]]:
@@ -90,6 +94,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     replies: list[tuple[int, Message]] = []
     while pending:
         STOP.check()
+        REPLY_STORED.clear()  # before pulling: a reply stored after the pull ends the wait below at once
         arrived = [r for r in grid.pull_messages(pending) if r.metadata.reply_to_message_id in pending]
         replies.extend((sent[r.metadata.reply_to_message_id], r) for r in arrived)
         if arrived:  # the rest of a stage's replies tend to follow close behind
@@ -98,6 +103,6 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
         left = deadline - time.monotonic()
         if not pending or left <= 0:
             break
-        time.sleep(min(interval, left))
+        REPLY_STORED.wait(min(interval, left))
         interval = min(interval * BACKOFF, MAX_PULL_INTERVAL)
     return replies

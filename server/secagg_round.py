@@ -1,8 +1,11 @@
 """One round of secure aggregation over Flower's Grid: a thin adapter over common.secagg.ServerSession.
 
-Four `train` messages per site (advertise keys, share keys, masked input, unmask). Sites that do not answer a
-stage, answer with an error, or refuse a request are dropouts; the protocol recovers them or aborts the round.
-The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped updates, and nothing else.
+Up to five `train` messages per site (advertise keys, share keys, masked input, consistency check with enrolled
+identities, unmask). The next round's advertise request rides on the unmask request, so from the second round
+on a site that answered it is not asked to advertise again: four exchanges a round (three without identities).
+Sites that do not answer a stage, answer with an error, or refuse a request are dropouts; the protocol recovers
+them or aborts the round. The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
+updates, and nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from flwr.serverapp import Grid
 
 from common import messages
 from common.config import RunConfig
-from common.replies import ReplyRefused, check_reply, status_of
+from common.replies import ReplyRefused, check_reply, split_next_round, status_of
 from common.secagg.client import Advertisement, Enrolment, UnmaskResponse
 from common.secagg.encoding import FixedPoint
 from common.secagg.errors import AbortReason, SecAggAbort
@@ -47,11 +50,23 @@ REQUEST_SECTIONS = (messages.STUDY, messages.PRIVACY, messages.SECURE_AGGREGATIO
 
 
 @dataclass
+class Advertised:
+    """What sites answered to the advertise request that rode on the previous round's unmask request: each one's
+    advertisement, or the (state, reason) of its refusal or abort; valid only for the round `protocol` names."""
+
+    protocol: ProtocolConfig
+    ads: dict[int, Advertisement] = field(default_factory=dict)
+    declined: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass
 class SecAggOutcome:
     total: DeltaSum = field(default_factory=DeltaSum)
     aborted: str = ""
     dropped: dict[str, list[int]] = field(default_factory=dict)
     refused: list[int] = field(default_factory=list)  # nodes whose site refused a key stage (named in its reply)
+    exchanges: int = 0  # message exchanges with the sites this round
+    advertised: Advertised | None = None  # for the next round, from this round's unmask replies
 
 
 def protocol_config(config: RunConfig, server_round: int, num_parameters: int) -> ProtocolConfig:
@@ -65,7 +80,10 @@ def protocol_config(config: RunConfig, server_round: int, num_parameters: int) -
 class SecAggRound:
     def __init__(self, grid: Grid, config: RunConfig, server_round: int, train_content: RecordDict,
                  num_parameters: int, on_train_reply: ReplyHandler, verifier: IdentityVerifier | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, *, advertised: Advertised | None = None,
+                 next_round: bool = False) -> None:
+        """`advertised`: the previous round's unmask replies' advertisements (used where they were made for this
+        round's protocol); `next_round`: ask for the next round's advertisements with the unmask request."""
         self.grid = grid
         self.config = config
         self.round = server_round
@@ -78,6 +96,8 @@ class SecAggRound:
         self.session = ServerSession(self.protocol, self.model_hash, workers)
         self.enrolment = Enrolment(None, verifier, config.study_id, config.run_name) if verifier else None
         self.cohort_size = 0  # sites that advertised valid keys (U1): the fixed-point scale's cohort
+        self.advertised = advertised if advertised and advertised.protocol == self.protocol else None
+        self.next_protocol = protocol_config(config, server_round + 1, num_parameters) if next_round else None
         self.outcome = SecAggOutcome()
 
     def run(self, cohort: list[int]) -> SecAggOutcome:
@@ -97,10 +117,18 @@ class SecAggRound:
 
     # -- one method per stage, mirroring ServerSession ------------------------------------------------------
     def advertise_keys(self, cohort: list[int]) -> list[Advertisement]:
-        request = AdvertiseRequest(self.round, self.model_hash, self.protocol)
-        replies = self._key_stage(Stage.ADVERTISE, cohort, request.record(), len(cohort))
-        ads = {u: Advertisement(u, r.c_pk, r.s_pk, r.signature, r.certificate) for u, r in replies.items()}
-        return self.session.receive_advertisements(self._enrolled(ads))
+        """Sites that advertised (or declined) with the previous round's unmask reply are not asked again."""
+        prior = self.advertised or Advertised(self.protocol)
+        ads = {u: prior.ads[u] for u in cohort if u in prior.ads}
+        for node in (u for u in cohort if u in prior.declined):
+            state, reason = prior.declined[node]
+            self._declined(Stage.ADVERTISE, node, state, reason)
+        ask = [u for u in cohort if u not in ads and u not in prior.declined]
+        if ask:
+            request = AdvertiseRequest(self.round, self.protocol)
+            replies = self._key_stage(Stage.ADVERTISE, ask, request.record(), len(cohort))
+            ads |= {u: Advertisement(u, r.c_pk, r.s_pk, r.signature, r.certificate) for u, r in replies.items()}
+        return self.session.receive_advertisements(self._enrolled(dict(sorted(ads.items()))))
 
     def _enrolled(self, ads: dict[int, Advertisement]) -> dict[int, Advertisement]:
         """With the study CA, drop advertisements the sites would refuse (unknown, forged or duplicate identities)
@@ -158,7 +186,11 @@ class SecAggRound:
         record = Unmask(self.round, self.model_hash, self.session.session, request.alive, request.dropped,
                         signatures).record()
         asked = list(signatures) if self.protocol.require_signatures else request.alive  # those that signed
-        replies = self._key_stage(Stage.UNMASK, asked, record, self.cohort_size)
+        upcoming = None
+        if self.next_protocol is not None:  # the next round's advertise request rides along
+            upcoming = AdvertiseRequest(self.round + 1, self.next_protocol).record()
+            self.outcome.advertised = Advertised(self.next_protocol)
+        replies = self._key_stage(Stage.UNMASK, asked, record, self.cohort_size, upcoming)
         total = self.session.receive_unmasking(
             {u: UnmaskResponse(r.b_shares, r.s_shares) for u, r in replies.items()})
         result = self._decode(total, len(request.alive))
@@ -177,15 +209,21 @@ class SecAggRound:
         check_aggregate(result, self.config.secagg_max_weight, self.config.update_clip_norm, rounding)
         return result
 
-    def _key_stage(self, stage: Stage, nodes: list[int], request: dict[str, Any], max_items: int) -> dict[int, Any]:
-        """Send a key stage (the same request to every site: its record is built once and shared, read-only); parse
-        each reply by its schema. A reply that does not parse is that site dropping at this stage (named in the log
-        and in metrics), never an exception out of the round."""
-        record = ConfigRecord(request)
-        replies = self._exchange(stage, nodes, lambda node: RecordDict({messages.SECAGG: record}))
+    def _key_stage(self, stage: Stage, nodes: list[int], request: dict[str, Any], max_items: int,
+                   upcoming: dict[str, Any] | None = None) -> dict[int, Any]:
+        """Send a key stage (the same request to every site: its record is built once and shared, read-only), with
+        the next round's advertise request if `upcoming`; parse each reply by its schema. A reply that does not
+        parse is that site dropping at this stage (named in the log and in metrics), never an exception out of
+        the round."""
+        bundle = {messages.SECAGG: ConfigRecord(request)}
+        if upcoming is not None:
+            bundle[messages.SECAGG_NEXT] = ConfigRecord(upcoming)
+        replies = self._exchange(stage, nodes, lambda node: RecordDict(bundle))
         parsed, malformed = {}, []
         for node, content in replies.items():
             try:
+                if upcoming is not None:
+                    content = self._take_next_round(node, bundle, content)
                 record = content.get(messages.SECAGG)
                 if set(content.keys()) != {messages.SECAGG} or not isinstance(record, ConfigRecord):
                     raise MalformedMessage(AbortReason.BAD_RESPONSE, f"{stage} reply: wrong records")
@@ -195,6 +233,27 @@ class SecAggRound:
                 malformed.append(node)
         self._note(stage, "malformed", malformed)
         return parsed
+
+    def _take_next_round(self, node: int, request: dict[str, Any], content: RecordDict) -> RecordDict:
+        """Keep a reply's answer to the next round's advertise request; return the rest of the reply."""
+        try:
+            content, answer = split_next_round(RecordDict(request), content)
+        except ReplyRefused as err:
+            raise MalformedMessage(AbortReason.BAD_RESPONSE, str(err)) from None
+        advertised = self.outcome.advertised
+        assert advertised is not None
+        if isinstance(answer, tuple):
+            advertised.declined[node] = answer
+        elif answer is not None:
+            advertised.ads[node] = Advertisement(node, answer.c_pk, answer.s_pk, answer.signature, answer.certificate)
+        return content
+
+    def _declined(self, stage: Stage, node: int, state: str, reason: str) -> None:
+        """A site's named refusal or abort of a key stage: it drops here; a refusal is also the run's to note."""
+        log(WARNING, "Round %d: node %d refused: %s", self.round, node, reason)
+        if state == messages.STATE_REFUSED:
+            self.outcome.refused.append(node)
+        self._note(stage, state, [node])
 
     def _note(self, stage: Stage, why: str, nodes: Iterable[int]) -> None:
         """Every dropout at every stage, by cause, for metrics.json ("share-keys-no-reply": [...])."""
@@ -214,6 +273,7 @@ class SecAggRound:
                 content[name] = self.train_content[name]
         out = [Message(content=c, dst_node_id=u, message_type=MessageType.TRAIN, group_id=str(self.round))
                for u, c in requests.items()]
+        self.outcome.exchanges += 1
         replies: dict[int, RecordDict] = {}
         answered: set[int] = set()
         for node, reply in send_and_receive(self.grid, out, self.config.round_timeout):
@@ -235,10 +295,7 @@ class SecAggRound:
                 continue
             if status is not None and (status[0] == messages.STATE_ABORTED
                                        or (status[0] == messages.STATE_REFUSED and not training)):
-                log(WARNING, "Round %d: node %d refused: %s", self.round, node, status[1])
-                if status[0] == messages.STATE_REFUSED:
-                    self.outcome.refused.append(node)
-                self._note(stage, status[0], [node])
+                self._declined(stage, node, *status)
                 continue
             replies[node] = reply.content
         self._note(stage, "no-reply", set(requests) - answered)

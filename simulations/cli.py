@@ -23,7 +23,6 @@ from rich.table import Table  # noqa: E402
 
 from common.config import RunConfig, resolve  # noqa: E402
 from common.errors import CareFedError  # noqa: E402
-from server.exchange import RunInterrupted  # noqa: E402
 from server.run_folder import with_run_name  # noqa: E402
 from simulations.deploy_cli import CERTS_EPILOG, certs, site_app  # noqa: E402
 from simulations.terminal import console, fail  # noqa: E402
@@ -163,31 +162,34 @@ def simulate(
         if run_dir.exists():
             raise fail(2, f"run folder {run_dir} already exists; choose another --run-name (runs are never "
                            "overwritten)")
-        from simulations.runner import run_simulation, validate_inputs
-
-        with console.status("Checking data and partitions..."):
-            validate_inputs(config)
     except CareFedError as err:
         raise fail(err.exit_code, str(err)) from None
+    from simulations.runner import run_in_own_session
+
+    code = run_in_own_session(run_dir, lambda: _simulate(config, run_dir, ray_address, verbose, as_json))
+    if code:
+        raise typer.Exit(code)
+
+
+def _simulate(config: RunConfig, run_dir: Path, ray_address: str | None, verbose: bool, as_json: bool) -> int:
+    """The study, in its own session (simulations.runner.run_in_own_session): its exit code."""
+    from simulations.runner import run_simulation, validate_inputs
 
     try:
+        with console.status("Checking data and partitions..."):
+            validate_inputs(config)
         run_simulation(config, ray_address=ray_address, verbose=verbose)
-    except RunInterrupted as err:
-        fail(err.exit_code, str(err))
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(err.exit_code)  # Flower's runtime threads may be stuck on actors the signal killed
-    except CareFedError as err:
-        raise fail(err.exit_code, str(err)) from None
+    except CareFedError as err:  # RunInterrupted included: Flower's threads may be stuck on actors the signal
+        return fail(err.exit_code, str(err)).exit_code  # killed; the session's process ends without them
     except Exception as err:  # the ServerApp's failure, already logged by Flower with its traceback
         cause = err.__cause__ or err
-        raise fail(1, f"the simulation failed: {type(cause).__name__}: {cause}. Run folder: {run_dir}") from None
+        return fail(1, f"the simulation failed: {type(cause).__name__}: {cause}. Run folder: {run_dir}").exit_code
     summary = _summary(run_dir, config)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
-    if summary["status"] != "complete":
-        raise typer.Exit(1)
+    return 0 if summary["status"] == "complete" else 1
 
 
 def _summary(run_dir: Path, config: RunConfig) -> dict[str, Any]:

@@ -7,11 +7,13 @@ What it runs is what a study runs, with the same commands the docker/ files use,
 2. each site's images written as files (`<site>/<label>/p<patient>_<n>.png`, from the embedded data);
 3. `flower-superlink --ssl-* --enable-supernode-auth` (TLS on the Fleet/Control/runtime HTTP API);
 4. `flwr supernode register <site>/node.pub` for every site (Flower 1.42's node authentication);
-5. `flower-supernode --root-certificates --auth-supernode-private-key --node-config "site-id=.. data=.. state-dir=.."`;
+5. `carefed-supernode` (flower-supernode's arguments: `--root-certificates --auth-supernode-private-key --node-config
+   "site-id=.. data=.. state-dir=.."`), a SuperNode whose ClientApp tasks run the site's own CareFed;
 6. `flwr run <app> <connection> --run-config ...`, polled with `flwr list --run-id` until it finishes;
 7. every process group is stopped (SIGTERM, then SIGKILL) and checked gone.
-`--capture` runs each SuperNode under tests/capture_supernode.py, which records every request the SuperNode sends
-to the SuperLink (the Fleet API's protobuf bytes, before TLS) so a test can inspect what left each site.
+`--capture` runs each SuperNode (still with CareFed's SuperExec) under tests/capture_supernode.py, which records
+every request the SuperNode sends to the SuperLink (the Fleet API's protobuf bytes, before TLS) so a test can
+inspect what left each site.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,7 +140,7 @@ class LoopbackDeployment:
         state = self.work / "state" / (name or site)
         node_config = (f'site-id={index} data="{self.work / "data" / site}" state-dir="{state}" '
                        f'policy="{self.policy_path(site)}" identity="{identity or folder}"')
-        command = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port or self.port}",
+        command = [_tool("carefed-supernode"), "--superlink", f"127.0.0.1:{superlink_port or self.port}",
                    "--node-config", node_config,
                    "--host", "127.0.0.1", "--port", str(free_port())]
         if max_retries is not None:
@@ -173,6 +176,30 @@ class LoopbackDeployment:
                                  max_retries=None if site in ports else 3)
         self.wait_online(len(self.sites))
 
+    def restart_supernode(self, site: str, index: int, *, given_up: bool = True, log_from: int | None = None,
+                          cancelled: Callable[[], bool] = lambda: False, timeout: float = 180) -> None:
+        """Docker's restart policy for one site: start its SuperNode again (at once if `given_up`, else only once
+        the running one exits) and again whenever it exits, until it is active: Flower 1.42's SuperLink refuses to
+        activate a node it still counts online (until two heartbeats are missed) and the SuperNode then exits
+        (code 305). A SuperNode still running is done once it reconnects ("Connection successful" in its log past
+        `log_from`, the log's length when its link broke) instead."""
+        name = f"supernode-{site}"
+        seen = len(self.log(name)) if log_from is None else log_from
+        activations = self.log(name)[:seen].count("SuperNode ID:")
+        if given_up:
+            self.start_supernode(site, index)
+
+        def active() -> bool:
+            written = self.log(name)
+            if written.count("SuperNode ID:") > activations or cancelled():
+                return True
+            if self.processes[name].poll() is not None:  # gave up or refused, and exited: start it again
+                self.start_supernode(site, index)
+                return False
+            return "Connection successful" in written[seen:]
+
+        self.wait_until(active, f"{site} to be active again", timeout, interval=0.5)
+
     def online_nodes(self) -> int:
         listed, _ = self.flwr_json("supernode", "list", CONNECTION)
         return 0 if listed is None else sum(1 for n in listed["nodes"] if n["status"] == "online")
@@ -180,13 +207,21 @@ class LoopbackDeployment:
     def wait_online(self, count: int, timeout: float = 90) -> None:
         self.wait_until(lambda: self.online_nodes() >= count, f"{count} SuperNodes online", timeout)
 
-    def run(self, run_config: dict[str, object], timeout: float = 900) -> tuple[str, str]:
+    def run(self, run_config: dict[str, object], timeout: float = 900, app: Path = PROJECT_ROOT) -> tuple[str, str]:
         """Start the app on the federation; wait until it finishes. Returns (run id, final status)."""
+        run_id = self.start_run(run_config, app)
+        return run_id, self.wait_finished(run_id, timeout)
+
+    def start_run(self, run_config: dict[str, object], app: Path = PROJECT_ROOT) -> str:
+        """`flwr run` the app (CareFed, unless a test ships another) with this run config; returns the run id."""
         pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in run_config.items())
-        started, printed = self.flwr_json("run", str(PROJECT_ROOT), CONNECTION, "--run-config", pairs, timeout=300)
+        started, printed = self.flwr_json("run", str(app), CONNECTION, "--run-config", pairs, timeout=300)
         if started is None:
             raise RuntimeError(f"flwr run failed: {printed}")
-        run_id = str(started["run-id"])
+        return str(started["run-id"])
+
+    def wait_finished(self, run_id: str, timeout: float = 900) -> str:
+        """Poll `flwr list` until the run's status is finished:*; returns that status."""
         status = ""
 
         def finished() -> bool:
@@ -197,7 +232,7 @@ class LoopbackDeployment:
             return status.startswith("finished")
 
         self.wait_until(finished, f"run {run_id} to finish", timeout, interval=2)
-        return run_id, status
+        return status
 
     def log(self, name: str) -> str:
         path = self.work / "logs" / f"{name}.log"

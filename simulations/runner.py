@@ -8,11 +8,15 @@ flwr 1.42.0); the public `run_simulation` wrapper cannot pass a run config to th
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,9 @@ def run_simulation(config: RunConfig, *, ray_address: str | None = None, verbose
 
     from client.app import app as client_app
     from server.app import app as server_app
+    from simulations.dispatch import install
+
+    install()  # the engine wakes on each message instead of polling every 0.1 s (simulations/dispatch.py)
 
     config = resolve_resources(resolve_partitioning(with_run_name(config)))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
@@ -168,3 +175,63 @@ def _close_interrupted(run_dir: Path, reason: str) -> None:
         ray.shutdown()
     if (run_dir / "status.json").exists() and read_status(run_dir)["state"] == STATUS_RUNNING:
         mark_failed(run_dir, reason)
+
+
+def run_in_own_session(run_dir: Path, job: Callable[[], int]) -> int:
+    """Run `job` (the study; it returns an exit code) in a forked child that leads a session of its own, and wait.
+
+    A scheduler's timeout or a terminal's Ctrl-C signals a whole process group. In one, Ray's own processes (raylet,
+    GCS, workers: the driver's children) die with the driver, and Ray's core worker can end the driver (exit code 1,
+    nothing said) before the driver's Python handler runs: the run folder then said `running` forever. Here only
+    this process is in the signalled group; it passes SIGTERM and SIGINT to the child, whose handler stops the run
+    and then Ray, and if the child ends without closing its run (killed, out of memory, Ray's exit), this process
+    records the run as failed, with how it ended, and ends what the child left in its group. Returns the child's
+    exit code (128 + N when signal N ended it)."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            _end_with(parent)
+            code = job()
+        except BaseException:  # noqa: BLE001 - said here: the child must never return into the caller's code
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    return _wait_for_run(pid, run_dir)
+
+
+def _end_with(parent: int) -> None:
+    """SIGTERM this process (a clean stop) when the supervising process dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _wait_for_run(pid: int, run_dir: Path) -> int:
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        _, status = os.waitpid(pid, 0)  # retried after each forwarded signal (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    with contextlib.suppress(ProcessLookupError):  # what the study left in its session's group (Ray's agents
+        os.killpg(pid, signal.SIGKILL)  # outlive a killed driver)
+    code = os.waitstatus_to_exitcode(status)
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    code = 128 - code if code < 0 else code
+    if (run_dir / "status.json").exists() and read_status(run_dir)["state"] == STATUS_RUNNING:
+        mark_failed(run_dir, f"the simulation process ended ({how}) before it closed the run")
+        from simulations.terminal import fail
+
+        fail(code or 1, f"the simulation process ended ({how}) before it closed the run; run folder {run_dir} "
+                        "says so (status failed). Every ledger entry written before it ended is kept.")
+        return code or 1
+    return code

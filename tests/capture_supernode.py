@@ -1,11 +1,12 @@
 """Run `flower-supernode` with every request it sends to the SuperLink recorded (a test instrument).
 
-    CAREFED_CAPTURE=/path/site.bin python tests/capture_supernode.py <flower-supernode arguments>
+    CAREFED_CAPTURE=/path/site.bin python tests/capture_supernode.py <carefed-supernode arguments>
 
 Flower 1.42's SuperNode talks to the SuperLink through `ProtobufClient._unary_unary` (protobuf over HTTPS); this
 wraps that one method, so the record holds exactly the bytes each request carries before TLS encrypts them: the
 Fleet API path, then the serialised request. Records are appended as
-<4-byte path length><path><8-byte body length><body>. Nothing else about the SuperNode changes.
+<4-byte path length><path><8-byte body length><body>. Nothing else about the SuperNode changes: it runs as
+`carefed-supernode` runs it, with CareFed's SuperExec beside it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def read_capture(path: str) -> list[tuple[str, bytes]]:
 
 if __name__ == "__main__":
     ProtobufClient._unary_unary = _capturing
-    from flwr.supernode.cli import flower_supernode
+    from client.supernode import run
 
-    sys.argv = ["flower-supernode", *sys.argv[1:]]
-    sys.exit(flower_supernode())
+    sys.exit(run(sys.argv[1:]))

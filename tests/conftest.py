@@ -56,3 +56,14 @@ def carefed(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     """Run the installed `carefed` console script, as a user would."""
     cli = Path(sys.executable).parent / "carefed"
     return subprocess.run([str(cli), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """Three small hospitals' image folders (80 images each, one or two DP steps per epoch), once per module."""
+    from common.deploy.demo_data import write_site_folders
+
+    root = tmp_path_factory.mktemp("hospital-images")
+    small = resolve(overrides={"partitioning": "resample", "site-size-median": 80, "site-size-spread": 0.0})
+    write_site_folders(small, root, ["site-0", "site-1", "site-2"])
+    return root

@@ -23,6 +23,7 @@ class LossyProxy:
     seed: int = 0
     port: int = 0
     counts: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "refused": 0, "cut": 0})
+    counts_before_degrading: dict[str, int] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
 
@@ -76,6 +77,14 @@ class LossyProxy:
         if not ready.wait(10):
             raise RuntimeError("the lossy proxy did not start")
         return self
+
+    def degrade(self, drop_rate: float, lifetime: tuple[float, float]) -> None:
+        """From now on also refuse and cut connections (a link that worsens while it is in use)."""
+        self.counts_before_degrading = dict(self.counts)
+        self.drop_rate, self.lifetime = drop_rate, lifetime
+
+    def counts_since_degrading(self) -> dict[str, int]:
+        return {k: v - self.counts_before_degrading.get(k, 0) for k, v in self.counts.items()}
 
     def stop(self) -> None:
         if self._loop is not None:

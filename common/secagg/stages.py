@@ -184,13 +184,14 @@ _COMMON = {Key.STAGE, Key.ROUND, Key.MODEL_HASH}
 # -- requests (server -> site) ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdvertiseRequest:
+    """Fresh keys for the round `protocol` describes. No model: the session binds it at key sharing, so this
+    request can ride on the previous round's unmask request, before the round's model exists."""
+
     round: int
-    model_hash: bytes
     protocol: ProtocolConfig
 
     def record(self) -> dict[str, Any]:
-        return {Key.STAGE: Stage.ADVERTISE, Key.ROUND: self.round, Key.MODEL_HASH: self.model_hash,
-                **protocol_record(self.protocol)}
+        return {Key.STAGE: Stage.ADVERTISE, Key.ROUND: self.round, **protocol_record(self.protocol)}
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ class UnmaskRequest:
 
 Request = AdvertiseRequest | ShareKeysRequest | MaskedInputRequest | ConsistencyRequest | UnmaskRequest
 _REQUEST_KEYS = {
-    Stage.ADVERTISE: _COMMON | _PROTOCOL_KEYS,
+    Stage.ADVERTISE: {Key.STAGE, Key.ROUND} | _PROTOCOL_KEYS,
     Stage.SHARE_KEYS: _COMMON | {Key.IDS, Key.C_PKS, Key.S_PKS, Key.SIGNATURES, Key.CERTIFICATES},
     Stage.MASKED_INPUT: _COMMON | {Key.SESSION, Key.SENDERS, Key.CIPHERTEXTS, Key.ALIVE, Key.UPDATE_BOUND,
                                    Key.MAX_WEIGHT, Key.COHORT_SIZE},
@@ -280,9 +281,10 @@ def parse_request(record: Mapping[str, Any]) -> Request:
     """A stage request from the server, checked field by field (AbortReason.BAD_REQUEST otherwise)."""
     stage = request_stage(record)
     r = _Reader(record, {str(k) for k in _REQUEST_KEYS[stage]}, AbortReason.BAD_REQUEST, f"{stage} request")
-    server_round, model_hash = r.integer(Key.ROUND, 0, 2**62), r.bytes_of(Key.MODEL_HASH, DIGEST_BYTES)
+    server_round = r.integer(Key.ROUND, 0, 2**62)
     if stage == Stage.ADVERTISE:
-        return AdvertiseRequest(server_round, model_hash, _protocol(r))
+        return AdvertiseRequest(server_round, _protocol(r))
+    model_hash = r.bytes_of(Key.MODEL_HASH, DIGEST_BYTES)
     if stage == Stage.SHARE_KEYS:
         return ShareKeysRequest(server_round, model_hash, r.paired(Key.IDS, Key.C_PKS, KEY_BYTES),
                                 r.paired(Key.IDS, Key.S_PKS, KEY_BYTES),

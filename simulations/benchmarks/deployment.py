@@ -2,7 +2,7 @@
 
     python -m simulations.benchmarks.deployment            # 3 sites, 3 rounds (about 5 minutes)
 
-Deployed: real `flower-superlink` (TLS, node authentication) and three `flower-supernode` processes on 127.0.0.1
+Deployed: real `flower-superlink` (TLS, node authentication) and three `carefed-supernode` processes on 127.0.0.1
 (simulations/loopback.py), each site reading its images from PNG files, with every request it sends recorded
 (tests/capture_supernode.py). Simulated: `carefed simulate` with the same sites, images, rounds and settings.
 Round time is the median over the training rounds after the first (the first also starts processes and

@@ -1,5 +1,6 @@
-"""A real deployment on 127.0.0.1: `flower-superlink` with TLS and node authentication, three `flower-supernode`
-processes with their own image folders, keys and state, the app started with `flwr run`. No mocks.
+"""A real deployment on 127.0.0.1: `flower-superlink` with TLS and node authentication, three `carefed-supernode`
+processes (Flower's SuperNode with CareFed's SuperExec) with their own image folders, keys and state, the app
+started with `flwr run`. No mocks.
 
 The SuperNodes run under tests/capture_supernode.py, which records every request each one sends to the SuperLink
 (protobuf bytes before TLS), so the tests can show what left each site.
@@ -8,6 +9,7 @@ The SuperNodes run under tests/capture_supernode.py, which records every request
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,8 @@ def test_three_hospitals_train_over_tls_with_node_authentication(deployed):
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     assert all(r["updates-aggregated"] == len(SITES) and r["secure-aggregation"] for r in rounds[1:])
+    # five exchanges in round 1; then the keys come with the previous round's unmask reply
+    assert [r["exchanges"] for r in rounds[1:]] == [5] + [4] * (ROUNDS - 1)
     assert rounds[-1]["global-accuracy"] > 0.3
     for index, site in enumerate(SITES):
         state = deployment.work / "state" / site  # the site's own folder, not the coordinator's
@@ -128,9 +132,14 @@ def test_an_unknown_key_and_a_plaintext_client_are_refused(deployed, tmp_path: P
     assert not (deployment.work / "state" / "rogue").exists()
 
 
-def _site_audit(deployment: LoopbackDeployment, site: str) -> tuple[int, dict]:
-    done = carefed("audit", str(deployment.work / "state" / site), "--site", "--json", cwd=deployment.work)
-    return done.returncode, json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+def _site_audits(deployment: LoopbackDeployment) -> dict[str, tuple[int, dict]]:
+    """`carefed audit --site` of every hospital's state folder, side by side (each is a process of its own)."""
+    def audit(site: str) -> tuple[int, dict]:
+        done = carefed("audit", str(deployment.work / "state" / site), "--site", "--json", cwd=deployment.work)
+        return done.returncode, json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+
+    with ThreadPoolExecutor(len(SITES)) as pool:
+        return dict(zip(SITES, pool.map(audit, SITES), strict=True))
 
 
 def test_a_coordinator_asking_beyond_a_sites_policy_is_refused_and_it_is_on_record(deployed):
@@ -140,6 +149,7 @@ def test_a_coordinator_asking_beyond_a_sites_policy_is_refused_and_it_is_on_reco
     assert status == "finished:completed", deployment.log("superlink")[-3000:]
     rounds = json.loads((deployment.work / "runs" / "greedy" / "metrics.json").read_text())["rounds"]
     assert rounds[1]["updates-aggregated"] == 0 and len(rounds[1]["sites-refused"]) == len(SITES)
+    audits = _site_audits(deployment)
     for site in SITES:
         state = deployment.work / "state" / site
         ledger = PrivacyLedger(state / "ledger.sqlite", create=False)
@@ -148,20 +158,77 @@ def test_a_coordinator_asking_beyond_a_sites_policy_is_refused_and_it_is_on_reco
         assert refusal and "policy refuses target-epsilon: asked 12.0" in refusal[0].reason
         egress = [json.loads(line) for line in (state / "egress.jsonl").read_text().splitlines()]
         assert any(line["status"] and "policy refuses target-epsilon" in line["status"]["reason"] for line in egress)
-        code, report = _site_audit(deployment, site)
+        code, report = audits[site]
         assert code == 0 and any(r["run_id"] == "greedy" for r in report["refusals"])
 
 
+FOREIGN_APP = Path(__file__).parents[1] / "apps" / "foreign_app"
+
+
+def test_a_coordinators_own_app_never_runs_at_a_site(deployed):
+    """`flwr run` ships the coordinator's app (a FAB) to every SuperNode, and Flower's would install it and run its
+    ClientApp, which here would mark the site's state folder and send back its image file names. The sites run
+    `carefed-supernode`: their own CareFed answers, and refuses the foreign request by name."""
+    deployment, _ = deployed
+    report = deployment.work / "foreign-app.json"
+    _, status = deployment.run({"report": str(report)}, app=FOREIGN_APP, timeout=300)
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    outcome = json.loads(report.read_text())
+    assert outcome["nodes"] == len(SITES) and len(outcome["replies"]) == len(SITES)
+    for reply in outcome["replies"]:
+        assert reply["error"] is None and "refused" in reply["content"] and "no 'study' section" in reply["content"]
+        assert "foreign-app-ran" not in reply["content"] and ".png" not in reply["content"]
+    for site in SITES:
+        assert not (deployment.work / "state" / site / "foreign-app-ran").exists()
+        assert not list((deployment.work / "homes" / f"supernode-{site}").rglob("foreign*"))  # nothing installed
+        assert "the coordinator's app coordinator/foreign-app 1.0.0" in deployment.log(f"supernode-{site}")
+        egress = [json.loads(line) for line in (deployment.work / "state" / site / "egress.jsonl").read_text()
+                  .splitlines()]
+        assert egress[-1]["status"]["state"] == "refused" and "no 'study' section" in egress[-1]["status"]["reason"]
+
+
 @pytest.fixture(scope="module")
-def second_study(deployed):
-    """The three hospitals enrolled in a second study (its identities beside the first's), an impostor with a
-    registered node key (it passes Flower's node authentication) but an identity from another CA (an invented
-    site), and two one-round runs of the second study: the coordinator without the study CA (it relays the
-    impostor) and with it (it drops the impostor and the hospitals train). One set of runs serves both tests."""
+def second_study_enrolled(deployed):
+    """The three hospitals enrolled in a second study, its identities beside the first's (one folder per id)."""
     deployment, _ = deployed
     make_study(deployment.work / "study-2", sites=SITES, hosts=["localhost"], study="carefed-demo-2")
-    for site in SITES:  # each site's identity for the second study, beside its first (one folder per study id)
+    for site in SITES:
         (deployment.work / "study-2" / "sites" / site).rename(deployment.study.site(site) / "carefed-demo-2")
+    return deployment, {"output-dir": str(deployment.work / "runs"), "study-id": "carefed-demo-2",
+                        "target-epsilon": 1.0}
+
+
+@pytest.fixture(scope="module")
+def restarted_superlink(second_study_enrolled):
+    """A three-round run of the second study; once round 1 is recorded the SuperLink is SIGKILLed (every process
+    in its group) and started again at once on the same --database, as a crashed service would be. A SuperNode
+    that gives up retrying is started again (a restart policy); the next runs wait until each site has reconnected
+    or been readmitted (the restarted SuperLink's database may still count a node online that has given up). The
+    runs in `second_study` follow."""
+    deployment, study = second_study_enrolled
+    run_id = deployment.start_run({**study, "num-sites": len(SITES), "num-server-rounds": 3,
+                                   "run-name": "superlink-restarted",
+                                   "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
+    metrics = deployment.work / "runs" / "superlink-restarted" / "metrics.json"
+    deployment.wait_until(lambda: metrics.exists() and len(json.loads(metrics.read_text())["rounds"]) > 1,
+                          "round 1 of the run", 600, interval=0.2)
+    logged = {site: len(deployment.log(f"supernode-{site}")) for site in SITES}
+    deployment.crash("superlink")
+    deployment.start_superlink()
+    status = deployment.wait_finished(run_id, timeout=300)
+    for index, site in enumerate(SITES):  # each reconnects, or gives up, exits and is started again
+        deployment.restart_supernode(site, index, given_up=False, log_from=logged[site])
+    deployment.wait_online(len(SITES))
+    return deployment, status
+
+
+@pytest.fixture(scope="module")
+def second_study(second_study_enrolled, restarted_superlink):
+    """An impostor with a registered node key (it passes Flower's node authentication) but an identity from
+    another CA (an invented site), and two one-round runs of the second study, after the SuperLink's restart:
+    the coordinator without the study CA (it relays the impostor) and with it (it drops the impostor and the
+    hospitals train). One set of runs serves both tests."""
+    deployment, study = second_study_enrolled
     make_study(deployment.study.root, sites=[*SITES, "impostor"], hosts=["localhost"])
     deployment.register("impostor")
     # the second study's id in its certificate, but another CA
@@ -170,27 +237,56 @@ def second_study(deployed):
     deployment.start_supernode("site-0", 7, key=impostor / "node.key", ca=impostor / "ca.crt", name="impostor",
                                identity=deployment.work / "other-ca" / "sites" / "impostor")
     deployment.wait_online(len(SITES) + 1)
-    common = {"num-sites": len(SITES) + 1, "num-server-rounds": 1, "output-dir": str(deployment.work / "runs"),
-              "study-id": "carefed-demo-2", "target-epsilon": 1.0}
+    common = {**study, "num-sites": len(SITES) + 1, "num-server-rounds": 1}
     _, relayed = deployment.run({**common, "run-name": "impostor-relayed"})
     _, dropped = deployment.run({**common, "run-name": "impostor-dropped",
                                  "identity-ca": str(StudyPaths(deployment.work / "study-2").ca_cert)})
     return deployment, relayed, dropped
 
 
+def _egress(deployment: LoopbackDeployment, site: str, run: str) -> list[dict]:
+    lines = (deployment.work / "state" / site / "egress.jsonl").read_text().splitlines()
+    return [line for line in map(json.loads, lines) if line["run"] == run]
+
+
+def test_a_superlink_restarted_mid_run_fails_the_run_by_name_and_the_next_runs_train(restarted_superlink,
+                                                                                   second_study):
+    deployment, status = restarted_superlink
+    assert status == "finished:failed"
+    run_dir = deployment.work / "runs" / "superlink-restarted"
+    stopped = json.loads((run_dir / "status.json").read_text())
+    assert stopped["state"] == "failed" and stopped["reason"].startswith("the SuperLink stopped during the run")
+    recorded = [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]]
+    assert recorded[:2] == [0, 1]
+    for site in SITES:
+        # a site is charged for exactly the rounds whose update passed its egress guard: none lost, none extra
+        ledger = PrivacyLedger(deployment.work / "state" / site / "ledger.sqlite", create=False)
+        spent = [e.round for e in ledger.spends() if e.run_id == "superlink-restarted"]
+        released = [int(line["round"]) for line in _egress(deployment, site, "superlink-restarted")
+                    if line["stage"] == "masked-input" and line["verdict"] == "sent"
+                    and (line["status"] or {}).get("state") == "trained"]
+        assert ledger.verify().ok and 1 in spent and spent == released, (spent, released)
+    _, _, after = second_study  # a new run trains on the restarted SuperLink
+    assert after == "finished:completed", deployment.log("superlink")[-3000:]
+
+
 def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(second_study):
     deployment, _, status = second_study
     assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    audits = _site_audits(deployment)
     for site in SITES:
         ledger = PrivacyLedger(deployment.work / "state" / site / "ledger.sqlite", create=False)
         spends = ledger.spends()  # the relayed run refused before any key: it spent nothing
-        assert [e.study for e in spends] == ["carefed-demo"] * ROUNDS + ["carefed-demo-2"]
-        history = tuple(h for e in (spends[ROUNDS - 1], spends[-1]) for h in e.history)  # both runs, composed
+        studies = [e.study for e in spends]
+        assert studies[:ROUNDS] == ["carefed-demo"] * ROUNDS and set(studies[ROUNDS:]) == {"carefed-demo-2"}
+        runs = {e.run_id: e for e in spends}  # each run's last entry carries that run's whole history
+        assert list(runs) == ["deployed", "superlink-restarted", "impostor-dropped"]
+        history = tuple(h for e in runs.values() for h in e.history)  # every run, composed
         independent = pld_epsilon(list(history), spends[-1].lifetime_delta)
         assert spends[-1].lifetime_epsilon == pytest.approx(independent, rel=0.01)
-        first, second = spends[ROUNDS - 1].epsilon, spends[-1].epsilon
-        assert first < spends[-1].lifetime_epsilon < first + second  # composed by one accountant, not summed
-        code, report = _site_audit(deployment, site)
+        epsilons = [e.epsilon for e in runs.values()]
+        assert max(epsilons) < spends[-1].lifetime_epsilon < sum(epsilons)  # composed by one accountant, not summed
+        code, report = audits[site]
         assert code == 0, report.get("problems")
         [lifetime] = report["lifetime"]
         assert set(lifetime["studies"]) == {"carefed-demo", "carefed-demo-2"}

@@ -27,7 +27,6 @@ from common.policy import SitePolicy
 from common.privacy.audit import audit_site
 from common.privacy.budget import DatasetSpend, independent_epsilon
 from common.privacy.ledger import KIND_REFUSAL, PrivacyLedger
-from common.secagg.protocol import model_digest
 from common.secagg.stages import protocol_record
 from server.secagg_round import protocol_config
 from server.training import FederatedTraining, request_content
@@ -76,7 +75,6 @@ def _advertise(config, model, mutate: dict[str, dict[str, object]] | None = None
                               ArrayRecord(model.state_dict()))
     del content[messages.GLOBAL_MODEL]
     record = {"stage": messages.STAGE_ADVERTISE, "round": 1,
-              "model-hash": model_digest([a.data for a in ArrayRecord(model.state_dict()).values()]),
               **protocol_record(protocol_config(config, 1, count_parameters(model)))}
     content[messages.SECAGG] = ConfigRecord(record)
     return mutated(content, mutate)

@@ -31,7 +31,6 @@ from client.egress import EgressRefused
 from client.site import PRIVACY_STATE
 from common import messages
 from common.config import resolve
-from common.deploy.demo_data import write_site_folders
 from common.errors import CareFedError
 from common.models import build_model, count_parameters
 from common.policy import SitePolicy, policy_text
@@ -63,15 +62,6 @@ def make_config(make_config):
     return lambda **overrides: make_config(**{"model": "cnn", **overrides})
 
 
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """Three small hospitals (80 images each, one or two DP steps per epoch), written once for the module."""
-    root = tmp_path_factory.mktemp("hospital-images")
-    small = resolve(overrides={"partitioning": "resample", "site-size-median": 80, "site-size-spread": 0.0})
-    write_site_folders(small, root, ["site-0", "site-1", "site-2"])
-    return root
 
 
 def _sites(data_root: Path, tmp_path: Path, policy: SitePolicy = STRICT, **node: str) -> dict[int, dict]:
@@ -106,9 +96,7 @@ def _train_request(config, server_round: int = 1, mutate: dict | None = None) ->
 
 
 def _advertise_record(config) -> dict:
-    model = _model_arrays()
     return {"stage": messages.STAGE_ADVERTISE, "round": 1,
-            "model-hash": model_digest([a.data for a in model.values()]),
             **protocol_record(protocol_config(config, 1, count_parameters(
                 build_model("cnn", in_channels=1, num_classes=10, image_size=28))))}
 

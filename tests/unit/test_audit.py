@@ -100,6 +100,23 @@ def test_patient_level_epsilon_is_exact_for_one_image_and_grows_with_images_per_
     assert record < two < four
 
 
+def test_patient_level_epsilon_is_dp_accountings_mixture_of_gaussians_accountant():
+    """The reused per-step distribution gives what dp-accounting's PLDAccountant gives for the same
+    MixtureOfGaussiansDpEvents, over a history of two calibrations."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from scipy.stats import binom
+
+    from common.privacy.independent import PATIENT_DISCRETIZATION
+
+    history, k = [(SIGMA, RATE, 30), (SIGMA * 1.5, RATE / 2, 40), (SIGMA, RATE, 30)], 3
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PATIENT_DISCRETIZATION)
+    for sigma, rate, steps in history:
+        probs = [float(binom.pmf(j, k, rate)) for j in range(k + 1)]
+        accountant.compose(dp_event.MixtureOfGaussiansDpEvent(sigma, list(range(k + 1)), probs), steps)
+    assert patient_level_epsilon(history, 1e-5, k) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
 def test_a_correct_small_epsilon_agrees_with_the_independent_accountant_and_a_wrong_one_does_not():
     """Opacus's PRV accountant logs an upper estimate within 0.01 on either side: at epsilon ~1 (one round of five
     steps) a correct log may be 1-2% above the PLD accountant and must pass; a log off by more still fails."""

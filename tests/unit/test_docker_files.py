@@ -75,7 +75,11 @@ def test_the_containers_run_the_loopback_tests_commands_and_flower_accepts_every
     superlink = _flags(services["superlink"]["command"])
     assert superlink == _flags(loopback.superlink_command()[1:])
     assert superlink <= _parser_flags(_parse_args_run_superlink())
+    hospital = (DOCKER / "hospital.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["carefed-supernode"]' in hospital  # the site's own CareFed runs, not the coordinator's app
+    assert Path(loopback.supernode_command("site-0", 0)[0]).name == "carefed-supernode"
     for site in ("site-0", "site-1", "site-2"):
+        assert "--host=127.0.0.1" in services[site]["command"]  # the Runtime API stays inside the container
         supernode = _flags(services[site]["command"])
         assert supernode == _flags(loopback.supernode_command("site-0", 0)[1:]) - {"--max-retries"}
         assert supernode <= _parser_flags(_parse_args_run_supernode())

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from client.egress import EgressRefused, egress_guard
 from common import messages
 from common.replies import PRIVACY_LISTS, PRIVACY_SCALARS, ReplyRefused, check_reply
+from common.secagg.shamir import SHARE_BYTES
 from common.secagg.stages import CIPHERTEXT_BYTES
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # messages need a task identity
@@ -163,3 +164,35 @@ def test_evaluation_replies_carry_only_the_four_metrics(tmp_path: Path):
                                                            "accuracy": 0.9, "per-image-loss": [0.1, 0.2]})})
     with pytest.raises(EgressRefused, match="'per-image-loss' is not on the allow-list"):
         _guarded(tmp_path, bad, _request(), message_type=MessageType.EVALUATE)
+
+
+def test_an_unmask_reply_answers_the_next_round_only_where_it_was_asked():
+    ids = [bytes(7) + b"\x01", bytes(7) + b"\x02"]
+    unmask = {"b-owners": ids, "b-shares": [bytes(SHARE_BYTES)] * 2, "s-owners": [], "s-shares": []}
+    advertisement = {"c-pk": bytes(32), "s-pk": bytes(32), "signature": b"", "certificate": b""}
+    plain = _request(messages.STAGE_UNMASK, alive=ids, dropped=[])
+    bundled = _request(messages.STAGE_UNMASK, alive=ids, dropped=[])
+    bundled[messages.SECAGG_NEXT] = ConfigRecord({"stage": messages.STAGE_ADVERTISE, "round": 4})
+
+    def reply(**next_round: dict) -> RecordDict:
+        content = RecordDict({messages.SECAGG: ConfigRecord(unmask)})
+        for name, values in next_round.items():
+            content[name.replace("_", "-")] = ConfigRecord(values)
+        return content
+
+    for answer in (reply(), reply(secagg_next=advertisement),
+                   reply(status_next={"state": messages.STATE_REFUSED, "reason": "PolicyRefusal: budget"})):
+        check_reply(MessageType.TRAIN, messages.STAGE_UNMASK, bundled, answer, plain_allowed=False)
+    with pytest.raises(ReplyRefused, match="answers no next-round request"):  # keys nobody asked for
+        check_reply(MessageType.TRAIN, messages.STAGE_UNMASK, plain, reply(secagg_next=advertisement),
+                    plain_allowed=False)
+    with pytest.raises(ReplyRefused, match="'c-pk' must be 32 bytes"):
+        check_reply(MessageType.TRAIN, messages.STAGE_UNMASK, bundled,
+                    reply(secagg_next={**advertisement, "c-pk": bytes(784)}), plain_allowed=False)
+    with pytest.raises(ReplyRefused, match="both an advertisement and a status"):
+        check_reply(MessageType.TRAIN, messages.STAGE_UNMASK, bundled, reply(
+            secagg_next=advertisement, status_next={"state": messages.STATE_REFUSED, "reason": ""}),
+            plain_allowed=False)
+    with pytest.raises(ReplyRefused, match="not a refusal or an abort"):
+        check_reply(MessageType.TRAIN, messages.STAGE_UNMASK, bundled,
+                    reply(status_next={"state": messages.STATE_TRAINED, "reason": ""}), plain_allowed=False)

@@ -1,0 +1,123 @@
+"""carefed-supernode and CareFed's SuperExec (client/supernode.py, client/launcher.py), the parts that can be
+checked without a SuperNode; the loopback deployment tests run them for real, including a coordinator's own app."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import LaunchResultStatus
+
+from client.launcher import ForkingExecutor, _site_app_loader
+from client.supernode import SupernodeArgumentError, prepare, runtime_api_address
+
+
+@pytest.mark.parametrize("arg", ["--isolation", "--isolation=subprocess", "--superexec-auth-secret-file=/tmp/s"])
+def test_a_site_cannot_choose_flowers_isolation_or_secret_itself(arg: str):
+    with pytest.raises(SupernodeArgumentError, match="set by carefed-supernode"):
+        prepare(["--superlink", "127.0.0.1:9092", arg, "x"])
+
+
+def test_the_superexec_reaches_the_runtime_api_on_this_machine():
+    assert runtime_api_address([]) == "127.0.0.1:9094"
+    assert runtime_api_address(["--host", "0.0.0.0", "--port", "9100"]) == "127.0.0.1:9100"
+    assert runtime_api_address(["--host=10.0.0.5", "--port=9101"]) == "10.0.0.5:9101"
+
+
+@pytest.mark.parametrize("task_type", [t for t in TaskType if t != TaskType.CLIENT_APP])
+def test_only_clientapp_tasks_are_run(task_type: TaskType, tmp_path):
+    executor = ForkingExecutor(tmp_path / "secret")
+    assert executor.get_eligible_capacity(set(TaskType))[0] == {TaskType.CLIENT_APP}
+    result = executor.launch(SimpleNamespace(task_type=task_type))
+    assert result.status == LaunchResultStatus.FAILED and "ClientApp tasks only" in result.message
+    assert not executor.children
+
+
+def test_whatever_app_the_run_names_the_site_runs_its_own():
+    from client.app import app
+
+    load = _site_app_loader("", None, True)
+    assert load("coordinator/anything", "9.9.9", "f" * 64) is app
+
+
+def test_the_supernode_asks_again_soon_after_a_message_and_backs_off_to_flowers_3_s(monkeypatch):
+    from client import supernode
+
+    waits = []
+    monkeypatch.setattr(supernode.time, "sleep", waits.append)
+    polls = supernode._Polls()
+    for _ in range(7):
+        polls.sleep(supernode.IDLE_POLL)  # the SuperLink had nothing: Flower would wait 3 s each time
+    polls.sleep(supernode.REPLY_POLL)
+    polls.sleep(1.25)  # any other wait is Flower's own
+    polls.message_pulled()
+    polls.sleep(supernode.IDLE_POLL)
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.05, 1.25, 0.1]
+    assert polls.monotonic is supernode.time.monotonic  # the rest of the module is the real one
+
+
+def test_a_supernode_that_starts_exiting_ends_even_if_an_exit_handler_hangs():
+    """Flower's SuperNode, giving up on a lossy link, hung in an exit handler that retried the dead link; its
+    force-exit timer starts only after those handlers, so nothing ended the process."""
+    script = ("import time\\n"
+              "from client.supernode import exit_within\\n"
+              "from flwr.supercore.exit import ExitCode, add_exit_handler, flwr_exit\\n"
+              "exit_within(1.0)\\n"
+              "add_exit_handler(lambda: time.sleep(600), run_before_force_exit=True)\\n"
+              "flwr_exit(ExitCode.SUCCESS)\\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    assert done.returncode == 1, done.stderr[-2000:]  # ended by the grace timer, not by Flower's own exit
+
+
+
+def test_a_supernode_that_gives_up_on_the_superlink_exits_so_a_restart_policy_can_revive_it(tmp_path):
+    """Flower 1.42's SuperNode, out of --max-retries after its SuperLink died, returned from its loop but never
+    exited: its Runtime API server thread kept the process alive (CI: two sites hung after a SuperLink restart,
+    and nothing revived them). Real processes; the SuperLink without TLS, since only the process's end is checked
+    here (the loopback deployment tests run the same over TLS)."""
+    from simulations.loopback import free_port
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HOME": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    port = free_port()
+    log = (tmp_path / "supernode.log").open("w")
+    superlink = subprocess.Popen(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                  "--database", str(tmp_path / "superlink.db")], env=env, cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not _listening(port):  # the SuperNode gives up at once on a SuperLink not up yet
+        assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
+        time.sleep(0.2)
+    supernode = subprocess.Popen(["carefed-supernode", "--insecure", "--max-retries", "1", "--superlink",
+                                  f"127.0.0.1:{port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                                  "--node-config", f'site-id=0 state-dir="{tmp_path}"'],
+                                 env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while "SuperNode ID:" not in (tmp_path / "supernode.log").read_text() and time.monotonic() < deadline:
+            assert supernode.poll() is None, (tmp_path / "supernode.log").read_text()[-3000:]
+            time.sleep(0.2)
+        superlink.kill()
+        # 305 from Flower's exit, or 1 when its exit handlers (retrying the dead link) outlast the 15 s grace
+        assert supernode.wait(timeout=90) in (305, 1), (tmp_path / "supernode.log").read_text()[-3000:]
+        assert "the SuperNode stopped" in (tmp_path / "supernode.log").read_text()
+    finally:
+        for process in (superlink, supernode):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
