@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.supercore.exit import add_exit_handler
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common import messages
@@ -31,9 +33,12 @@ from common.update_codec import flatten
 from server.aggregation import DeltaSum, ModelAverage, ServerOptimizer
 from server.exchange import STOP, RunInterrupted, send_and_receive
 from server.run_folder import RunFolder, with_run_name
-from server.secagg_round import SecAggRound
+from server.secagg_round import Advertised, SecAggRound
 
 NODE_WAIT_SECONDS = 120.0
+# A site whose SuperNode crashed or restarted is offline until it reconnects (Flower readmits a crashed node after
+# two missed heartbeats, then its restarted process activates again): a round waits this long for it, not forever.
+REJOIN_SECONDS = 90.0
 
 
 @dataclass
@@ -45,6 +50,7 @@ class RoundOutcome:
     secagg_aborted: str = ""
     secagg_dropped: dict[str, list[int]] = field(default_factory=dict)
     evaluated: dict[int, float] = field(default_factory=dict)  # site -> accuracy of the model it received
+    exchanges: int = 0  # message exchanges with the sites in the round (each waits for every asked site)
 
 
 def request_content(request: SiteRequest, server_round: int, model: ArrayRecord, *,
@@ -82,6 +88,10 @@ class FederatedTraining:
         # Virtual sites (Flower's in-memory grid) also get the whole run config: their partitions, faults, run
         # folder. A deployed site refuses any request that carries it.
         self.simulated = isinstance(grid, InMemoryGrid)
+        self.parent_pid = os.getppid()  # deployed: Flower's SuperExec, which the SuperLink runs
+        self.closed = False  # the run folder has its final state (finished or failed)
+        self.advertised: Advertised | None = None  # sites' keys for the next round, sent with this round's unmask
+        self.exchanges = 0  # message exchanges of this run so far (secure aggregation's stages count in theirs)
         # The global test set, as the model's trained part sees it (ScatterNet's fixed features: computed once)
         self.scored, self.test_x = trained_part(self.model, to_tensor(source.test.images))
         self.test_y = torch.from_numpy(source.test.labels)
@@ -111,15 +121,41 @@ class FederatedTraining:
         return None
 
     def run(self) -> None:
+        if not self.simulated:
+            # Flower ends a deployed ServerApp from a signal handler (its parent SuperExec went away, or a signal):
+            # its exit handlers may take long (they retry reaching the SuperLink) and it then force-exits after
+            # 5 s, so the SystemExit may never reach the except below. Record the stop first thing instead.
+            add_exit_handler(self._exiting, run_before_force_exit=True)
         try:
             with STOP.watching():
                 last_round, reason = self._rounds()
         except BaseException as err:
-            self.folder.fail(str(err) if isinstance(err, RunInterrupted) else f"{type(err).__name__}: {err}")
+            self._close(self._failure(err))
             raise
         self.folder.finish(last_round, self.model.state_dict(), reason,
                            self.averaged.state_dict() if self.averaged else None)
+        self.closed = True
         log(INFO, "CareFed run finished after %d round(s) (%s). Run folder: %s", last_round, reason, self.folder.path)
+
+    def _exiting(self) -> None:
+        self._close(self._failure(SystemExit("Flower is stopping this ServerApp")))
+
+    def _close(self, reason: str) -> None:
+        """Mark the run failed with `reason`, once: the first reason recorded is the one that stopped it."""
+        if not self.closed:
+            self.closed = True
+            self.folder.fail(reason)
+
+    def _failure(self, err: BaseException) -> str:
+        """Why the run stopped, for status.json. Deployed, Flower stops the ServerApp (SIGINT, then SystemExit) when
+        its parent SuperExec goes away, which it does when the SuperLink stops or crashes: say that, not "0"."""
+        if isinstance(err, RunInterrupted):
+            return str(err)
+        if isinstance(err, SystemExit | KeyboardInterrupt) and not self.simulated and os.getppid() != self.parent_pid:
+            return (f"the SuperLink stopped during the run: Flower ended this ServerApp when its SuperExec (pid "
+                    f"{self.parent_pid}) went away ({type(err).__name__}: {err}); the rounds completed before are in "
+                    "metrics.json and checkpoints/, and a new run can be started once the SuperLink is back")
+        return f"{type(err).__name__}: {err}"
 
     def _rounds(self) -> tuple[int, str]:
         """Each site evaluates the model it receives before training on it, and returns the metrics with its
@@ -135,11 +171,14 @@ class FederatedTraining:
                 log(WARNING, "Stopping before round %d: %s.", server_round, stop)
                 last_round, reason = server_round - 1, stop
                 break
+            self._wait_for_rejoin(eligible)
             cohort = self._sample(eligible)
-            started = time.perf_counter()
+            started, sent_before = time.perf_counter(), self.exchanges
             outside = [n for n in nodes if n not in cohort] if self.config.evaluates_all_sites else []
             self._amend_sites(server_round - 1, self._evaluate_sites(outside, server_round - 1))
-            outcome = self._train(server_round, cohort)
+            # every eligible site trains: ask for the next round's keys with this round's unmask request
+            outcome = self._train(server_round, cohort, next_round=server_round < self.config.num_server_rounds
+                                  and len(cohort) == len(eligible))
             self._amend_sites(server_round - 1, outcome.evaluated)
             if outcome.total.contributors:
                 weights = {k: v.numpy() for k, v in self.model.state_dict().items()}
@@ -151,6 +190,7 @@ class FederatedTraining:
             # a site that dropped before it ever named itself (a key stage, in its first round) is asked to
             # evaluate the new model: its reply names it, so metrics say which site dropped where
             unnamed = self._evaluate_sites([n for n in cohort if n not in self.node_site], server_round)
+            outcome.exchanges += self.exchanges - sent_before
             self._record(server_round, outcome, seconds=time.perf_counter() - started, cohort=cohort)
             self._amend_sites(server_round, unnamed)
             self.folder.checkpoint(server_round, self.model.state_dict(), self.server_optimizer.state,
@@ -190,6 +230,25 @@ class FederatedTraining:
                     "in a deployment, check that every site's SuperNode is running.")
             time.sleep(0.5)
 
+    def _wait_for_rejoin(self, eligible: list[int]) -> None:
+        """Give sites that are offline (restarting) up to REJOIN_SECONDS to come back before a round starts: a
+        message to an offline node fails at once, and so would the restarted site's round. Those still offline
+        are asked all the same and drop by name."""
+        started = time.monotonic()
+        missing = set(eligible) - set(self.grid.get_node_ids())
+        if missing:
+            log(INFO, "Waiting up to %.0f s for offline sites (nodes %s) to rejoin.", REJOIN_SECONDS, sorted(missing))
+        while missing:
+            STOP.check()
+            if time.monotonic() > started + REJOIN_SECONDS:
+                log(WARNING, "Sites (nodes %s) are still offline after %.0f s; the round starts without them.",
+                    sorted(missing), REJOIN_SECONDS)
+                return
+            time.sleep(0.5)
+            missing = set(eligible) - set(self.grid.get_node_ids())
+        if time.monotonic() > started + 1:
+            log(INFO, "Every site is online again after %.1f s.", time.monotonic() - started)
+
     def _sample(self, eligible: list[int]) -> list[int]:
         size = self.config.sites_per_round or len(eligible)
         return sorted(self.rng.sample(eligible, min(size, len(eligible))))
@@ -206,6 +265,7 @@ class FederatedTraining:
         out = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
                for node in asked]
         replies: dict[int, RecordDict | str] = {}
+        self.exchanges += 1
         for node, reply in send_and_receive(self.grid, out, self.config.round_timeout):
             if node not in asked or node in replies:
                 continue
@@ -219,7 +279,7 @@ class FederatedTraining:
                 replies[node] = f"malformed reply: {err}"
         return replies
 
-    def _train(self, server_round: int, cohort: list[int]) -> RoundOutcome:
+    def _train(self, server_round: int, cohort: list[int], *, next_round: bool = False) -> RoundOutcome:
         outcome = RoundOutcome()
         if self.config.secagg:
             config = secagg_for_cohort(self.config, len(cohort))
@@ -227,9 +287,11 @@ class FederatedTraining:
                                  self._content(server_round, config.site_request(**self.site_shape)),
                                  count_parameters(self.model),
                                  lambda node, content: self._note_train_reply(server_round, node, content, outcome),
-                                 self.identity_verifier)
+                                 self.identity_verifier, advertised=self.advertised, next_round=next_round)
             result = secure.run(cohort)
+            self.advertised = result.advertised  # used next round where made for its protocol
             outcome.secagg_aborted, outcome.secagg_dropped = result.aborted, result.dropped
+            outcome.exchanges = result.exchanges
             for node in result.refused:  # a site's policy refused a key stage: it will refuse this run again
                 self.exhausted.add(node)
                 outcome.refused.append(node)
@@ -324,6 +386,7 @@ class FederatedTraining:
             "secure-aggregation": self.config.secagg,
             "secagg-aborted": outcome.secagg_aborted,
             "secagg-dropped": {stage: self._sites(nodes) for stage, nodes in outcome.secagg_dropped.items()},
+            "exchanges": outcome.exchanges,
             "seconds": seconds,
         }
         self.folder.record_round(row)

@@ -3,12 +3,18 @@ four real SuperNodes on 127.0.0.1, each stopped at a chosen secure-aggregation s
 the same state folder, key and images, and an empty Flower context.
 
 Round 1: site 3 is SIGKILLed with every process it started (a crash) right after its masked update left (its
-ledger entry was committed before that). Flower then waits for two missed heartbeats (about 60 s) before it calls
-the node unavailable and lets it in again.
-Round 2: site 1 is stopped with SIGTERM (a restarted service) right after its key shares left.
+ledger entry was committed before that). Flower then waits for two missed heartbeats (about 20 s with
+carefed-supernode's, a minute with Flower's own) before it calls the node unavailable and lets it in again; if
+round 2 begins before that, site 3 misses it, and round 2 (with site 1's stop) must then abort by name.
+Round 2: site 1 is stopped with SIGTERM (a restarted service) right after its key shares left. (Its node is
+offline at once, and Flower's SuperLink then answers the coordinator with an error for it, even for a reply that
+had arrived: it drops at share-keys or at masked-input.) Before each round the coordinator gives offline sites up
+to 90 s to come back, so each restarted site trains the round after its crash.
 Each round must finish from the survivors (t = 3 of 4); the run folder must name who dropped where; the restarted
 sites must continue their own accountant and ledger chain (never spending a round twice, never losing an entry)
 and pass `carefed audit`.
+Site 0 reaches the SuperLink through a TCP proxy of our own: every chunk delayed in rounds 1 and 2; in round 3 it
+also closes a fifth of new connections at once and cuts the others after 3-12 s. The study must finish.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import threading
 import pytest
 
 from common.privacy.ledger import PrivacyLedger
-from simulations.loopback import LoopbackDeployment
+from simulations.loopback import CONNECTION, LoopbackDeployment
 from tests.capture_supernode import read_capture
 from tests.conftest import carefed
 from tests.lossy_proxy import LossyProxy
@@ -46,25 +52,8 @@ def _reply_has_left(deployment: LoopbackDeployment, site: str, server_round: int
     return len(pushes) >= len(sent) and "/v1/fleet/pull-messages" in paths[pushes[-1]:]
 
 
-def _restart(deployment: LoopbackDeployment, site: str, index: int, done: threading.Event) -> None:
-    """Start the site's SuperNode again, and again whenever it exits, until it is active, as docker's restart
-    policy would: Flower 1.42's SuperLink refuses to activate a node it still counts online (until two 30 s
-    heartbeats are missed) and the SuperNode then exits (code 305)."""
-    name = f"supernode-{site}"
-    activations = deployment.log(name).count("SuperNode ID:")
-    deployment.start_supernode(site, index)
-
-    def active() -> bool:
-        if deployment.log(name).count("SuperNode ID:") > activations or done.is_set():
-            return True
-        if deployment.processes[name].poll() is not None:  # refused and exited: the restart policy starts it
-            deployment.start_supernode(site, index)
-        return False
-
-    deployment.wait_until(active, f"{site} to be active again", 180, interval=0.5)
-
-
-def _crash_and_restart(deployment: LoopbackDeployment, done: threading.Event, crashed: list) -> None:
+def _crash_and_restart(deployment: LoopbackDeployment, done: threading.Event, crashed: list,
+                       proxy: LossyProxy) -> None:
     for server_round, (index, stage, how) in sorted(CRASHES.items()):
         site = SITES[index]
         def left(site=site, server_round=server_round, stage=stage) -> bool:
@@ -77,8 +66,12 @@ def _crash_and_restart(deployment: LoopbackDeployment, done: threading.Event, cr
             deployment.crash(f"supernode-{site}")
         else:  # a restarted service: Flower's SuperNode deactivates its node on the way out
             deployment.stop(f"supernode-{site}")
-        _restart(deployment, site, index, done)
+        deployment.restart_supernode(site, index, cancelled=done.is_set)
         crashed.append((server_round, site, stage, how))
+    metrics = deployment.work / "runs" / "crashes" / "metrics.json"
+    deployment.wait_until(lambda: done.is_set() or len(json.loads(metrics.read_text())["rounds"]) > 2,
+                          "round 2 to be recorded", 900, interval=0.2)
+    proxy.degrade(drop_rate=0.2, lifetime=(3.0, 12.0))  # round 3: site 0's link refuses and cuts connections too
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +84,23 @@ def crashed_study(tmp_path_factory):
     done, crashed = threading.Event(), []
     try:
         deployment.start_federation(superlink_ports={SITES[0]: proxy.port})
-        killer = threading.Thread(target=_crash_and_restart, args=(deployment, done, crashed))
+        killer = threading.Thread(target=_crash_and_restart, args=(deployment, done, crashed, proxy))
         killer.start()
         try:
-            _, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 2, "local-epochs": 1,
+            run_id, status = deployment.run({"num-sites": len(SITES), "num-server-rounds": 3, "local-epochs": 1,
                                         "secagg-dropout-rate": 0.25,  # t = 3 of 4: one site may drop
+                                        # a reply lost on site 0's cut link is waited for this long (a minute a
+                                        # stage here, alone on two cores), not the default 600 s
+                                        "round-timeout": 180.0,
                                         "output-dir": str(work / "runs"), "run-name": "crashes",
                                         "identity-ca": str(deployment.study.ca_cert)})
         finally:
             done.set()
             killer.join()
-        yield deployment, status, crashed, proxy.counts
+        # the ServerApp's log (who was waited for, what timed out), for whoever reads a failure
+        served = deployment.flwr("log", run_id, CONNECTION, "--show")
+        (work / "logs" / "serverapp.log").write_text(served.stdout + served.stderr)
+        yield deployment, status, crashed, proxy
     finally:
         deployment.stop()
         proxy.stop()
@@ -115,38 +114,63 @@ def test_each_round_finishes_from_the_survivors_and_says_who_dropped_where(crash
     run_dir = deployment.work / "runs" / "crashes"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    late = _readmitted_late(rounds)
+    served = (deployment.work / "logs" / "serverapp.log").read_text()[-6000:]  # said with any failure below
     for server_round, (index, _, _) in CRASHES.items():
         row = rounds[server_round]
-        assert not row["secagg-aborted"] and row["updates-aggregated"] >= len(SITES) - 1, row
         dropped = {site for sites in row["secagg-dropped"].values() for site in sites}
-        assert dropped == {index}, row["secagg-dropped"]  # the crashed site, and only it
-    # the restarted sites evaluate the final model like the others
-    assert set(rounds[-1]["site-accuracy"]) == {str(k) for k in range(len(SITES))}
+        if server_round == 2 and late:  # two of four down: t = 3 cannot hold, and the round must say so
+            assert row["secagg-aborted"].startswith("NOT_ENOUGH_SURVIVORS") and row["updates-aggregated"] == 0
+            # both named; once fewer than t can hold a site's shares the core drops the rest at that stage too
+            assert {index, 3} <= dropped, (row["secagg-dropped"], served)
+            continue
+        assert not row["secagg-aborted"] and row["updates-aggregated"] >= len(SITES) - 1, (row, served)
+        assert dropped == {index}, (row["secagg-dropped"], served)  # the crashed site, and only it
+    # the restarted sites train the next round and evaluate the models like the others
+    for row in rounds[3 if late else 2:]:
+        assert {"1", "2", "3"} <= set(row["site-accuracy"]), (row["site-accuracy"], served)
+    assert {1, 3} <= set(rounds[3]["sites-trained"]), (rounds[3], served)
+
+
+def _readmitted_late(rounds: list[dict]) -> bool:
+    """Whether Flower had not yet let site 3 back in (after round 1's crash) when round 2 began. It readmits a
+    crashed node only after two promised heartbeats are missed (about 20 s with carefed-supernode), and round 2
+    may start before that on a fast machine: then the coordinator's message to site 3 fails at once."""
+    return 3 in rounds[2]["secagg-dropped"].get("advertise-keys-failed", [])
 
 
 def test_a_restarted_site_continues_its_ledger_and_accountant_and_passes_its_audit(crashed_study):
     deployment, _, _, _ = crashed_study
+    late = _readmitted_late(json.loads((deployment.work / "runs" / "crashes" / "metrics.json").read_text())["rounds"])
     for index, site in enumerate(SITES):
         state = deployment.work / "state" / site
         ledger = PrivacyLedger(state / "ledger.sqlite", create=False)
         spends = ledger.spends()
         rounds = [e.round for e in spends]
         assert ledger.verify().ok and rounds == sorted(set(rounds))  # no round spent twice
-        if index == 3:  # killed after its round-1 update left: that spend is on record, then round 2 after restart
-            assert rounds == [1, 2]
-            first, second = spends
+        if index == 3:  # killed after its round-1 update left: that spend is on record, then rounds 2 and 3
+            assert rounds == ([1, 3] if late else [1, 2, 3])
+            first, second = spends[:2]
             assert second.steps_total == first.steps_total + second.steps_round  # the accountant went on
             assert second.epsilon > first.epsilon
         if index == 1:  # killed before training in round 2: nothing spent there
-            assert rounds == [1]
+            assert rounds == [1, 3]
         done = carefed("audit", str(state), "--site", "--json", cwd=deployment.work)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
-def test_a_site_behind_a_slow_link_keeps_training(crashed_study):
-    """Site 0 reached the SuperLink through a proxy that delayed every chunk by 20-100 ms: it trained every
-    round."""
-    deployment, _, _, link = crashed_study
-    assert link["accepted"] > 0, link
+def test_a_site_behind_a_slow_then_lossy_link_keeps_training_and_the_study_finishes(crashed_study):
+    """Site 0 reached the SuperLink through a proxy that delayed every chunk by 20-100 ms: it trained in rounds 1
+    and 2. In round 3 the proxy also refused and cut connections: the study finished all the same, with site 0
+    training or dropping (named where), and the round aggregated from the others at least."""
+    deployment, status, _, proxy = crashed_study
     rounds = json.loads((deployment.work / "runs" / "crashes" / "metrics.json").read_text())["rounds"]
-    assert all(0 in row["sites-trained"] for row in rounds[1:]), [row["sites-trained"] for row in rounds]
+    aggregated = [row for row in rounds[1:3] if not row["secagg-aborted"]]
+    assert aggregated and all(0 in row["sites-trained"] for row in aggregated), [row["sites-trained"] for row in rounds]
+    lossy = proxy.counts_since_degrading()
+    assert lossy["refused"] + lossy["cut"] > 0, lossy  # the link was bad while round 3 ran
+    assert status == "finished:completed" and len(rounds) == 4
+    last = rounds[3]
+    assert not last["secagg-aborted"] and last["updates-aggregated"] >= len(SITES) - 1, last
+    dropped = {site for sites in last["secagg-dropped"].values() for site in sites}
+    assert dropped <= {0} and (0 in last["sites-trained"] or dropped == {0} or 0 in last["sites-failed"]), last
