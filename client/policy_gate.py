@@ -230,6 +230,9 @@ def _check_cohort(content: RecordDict, policy: SitePolicy, request: SiteRequest)
         return
     if not isinstance(record, ConfigRecord):
         raise RequestError("secure aggregation: the stage record is malformed")
+    if "protocol-server_round" in record and record["protocol-server_round"] != record.get("round"):
+        # the session and the advertisement's signature bind the protocol's round, not the request's
+        raise RequestError("secure aggregation: 'protocol-server_round' differs from the request's round")
     proposed = request.secagg
     for key, expected in (("protocol-dropout_rate", proposed.dropout_rate), ("protocol-colluding",
                           proposed.colluding), ("protocol-min_cohort", proposed.min_cohort),

@@ -21,13 +21,15 @@ Three things about Flower 1.42's SuperNode change (`adjust_supernode`):
   hang retrying a dead link, and Flower's force-exit timer starts only after them; one that gives up after
   --max-retries does not exit at all (its Runtime API thread keeps the process alive). Either way the process
   never exits and a restart policy never revives it. Here any exit ends the process within 15 s (a loop that
-  gave up: Flower's code 305, or 1 if its exit handlers outlast the 15 s).
+  gave up: Flower's code 305, or 1 if its exit handlers outlast the 15 s); so does the SuperExec's death (a
+  SuperNode without it would look online and never run a task).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,7 @@ REPLY_WAIT = 0.05
 HEARTBEAT_INTERVAL = 10  # seconds: the interval the SuperNode promises the SuperLink (Flower's minimum; default 30)
 EXIT_GRACE = 15.0  # seconds an exiting SuperNode may spend in Flower's exit handlers
 
+SUPEREXEC_DIED = threading.Event()  # set before this process is stopped for it: its exit code must say failure
 OURS = ("--isolation", "--superexec-auth-secret-file")  # set here; a site that passes them means something else
 
 
@@ -76,9 +79,22 @@ def prepare(args: list[str]) -> list[str]:
     secret = folder / "secret"
     secret.write_bytes(secrets.token_bytes(32))
     secret.chmod(0o600)
-    subprocess.Popen([sys.executable, "-m", "client.launcher", "--runtime-api-address", runtime_api_address(args),
-                      "--parent-pid", str(os.getpid()), "--superexec-auth-secret-file", str(secret)])
+    launcher = subprocess.Popen([sys.executable, "-m", "client.launcher", "--runtime-api-address",
+                                 runtime_api_address(args), "--parent-pid", str(os.getpid()),
+                                 "--superexec-auth-secret-file", str(secret)])
+    threading.Thread(target=_stop_without, args=(launcher,), daemon=True, name="superexec-watch").start()
     return [*args, "--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+
+
+def _stop_without(launcher: subprocess.Popen) -> None:
+    """A SuperNode whose SuperExec died would stay online (its heartbeats go on) and never run a task: every round
+    would wait for it until round-timeout, and no restart policy would revive it. Stop it (gracefully, as SIGTERM
+    does: Flower deactivates the node) so that it goes offline and a restart policy starts it again."""
+    code = launcher.wait()
+    SUPEREXEC_DIED.set()
+    print(f"carefed-supernode: CareFed's SuperExec (client.launcher) exited with code {code}; no task can run at "
+          "this site, so the SuperNode stops", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Polls:
@@ -150,6 +166,10 @@ def run(args: list[str]) -> None:
     try:
         flower_supernode()
         ended = "its loop returned"
+    except SystemExit:
+        if SUPEREXEC_DIED.is_set():  # Flower's graceful stop (0), but for a failure: a restart policy must see one
+            raise SystemExit(1) from None
+        raise
     except Exception as error:  # noqa: BLE001 - said in the exit message; SystemExit (flwr_exit) passes
         ended = f"{type(error).__name__}: {error}"
     # Flower's SuperNode that gives up (--max-retries reached on a dead SuperLink) leaves this function with its

@@ -222,31 +222,36 @@ class SecAggRound:
         parsed, malformed = {}, []
         for node, content in replies.items():
             try:
+                answer = None
                 if upcoming is not None:
-                    content = self._take_next_round(node, bundle, content)
+                    content, answer = self._split_next_round(bundle, content)
                 record = content.get(messages.SECAGG)
                 if set(content.keys()) != {messages.SECAGG} or not isinstance(record, ConfigRecord):
                     raise MalformedMessage(AbortReason.BAD_RESPONSE, f"{stage} reply: wrong records")
                 parsed[node] = parse_reply(stage, record, max_items)
+                if upcoming is not None:
+                    self._keep_next_round(node, answer)  # only from a reply that parsed whole
             except MalformedMessage as err:
                 log(WARNING, "Round %d: node %d sent a malformed reply: %s", self.round, node, err)
                 malformed.append(node)
         self._note(stage, "malformed", malformed)
         return parsed
 
-    def _take_next_round(self, node: int, request: dict[str, Any], content: RecordDict) -> RecordDict:
-        """Keep a reply's answer to the next round's advertise request; return the rest of the reply."""
+    @staticmethod
+    def _split_next_round(request: dict[str, Any], content: RecordDict) -> tuple[RecordDict, Any]:
+        """A reply's answer to the next round's advertise request, and the rest of the reply."""
         try:
-            content, answer = split_next_round(RecordDict(request), content)
+            return split_next_round(RecordDict(request), content)
         except ReplyRefused as err:
             raise MalformedMessage(AbortReason.BAD_RESPONSE, str(err)) from None
+
+    def _keep_next_round(self, node: int, answer: Any) -> None:
         advertised = self.outcome.advertised
         assert advertised is not None
         if isinstance(answer, tuple):
             advertised.declined[node] = answer
         elif answer is not None:
             advertised.ads[node] = Advertisement(node, answer.c_pk, answer.s_pk, answer.signature, answer.certificate)
-        return content
 
     def _declined(self, stage: Stage, node: int, state: str, reason: str) -> None:
         """A site's named refusal or abort of a key stage: it drops here; a refusal is also the run's to note."""

@@ -97,6 +97,7 @@ class FederatedTraining:
         self.test_y = torch.from_numpy(source.test.labels)
         self.rng = random.Random(config.seed)
         self.exhausted: set[int] = set()  # node ids whose privacy budget cannot afford another round
+        self.gone: set[int] = set()  # node ids offline past a whole rejoin wait, and not seen online since
         self.node_site: dict[int, int] = {}
         self.folder = RunFolder.create(config)
         self.identity_verifier = self._identities()
@@ -233,21 +234,32 @@ class FederatedTraining:
     def _wait_for_rejoin(self, eligible: list[int]) -> None:
         """Give sites that are offline (restarting) up to REJOIN_SECONDS to come back before a round starts: a
         message to an offline node fails at once, and so would the restarted site's round. Those still offline
-        are asked all the same and drop by name."""
-        started = time.monotonic()
-        missing = set(eligible) - set(self.grid.get_node_ids())
-        if missing:
-            log(INFO, "Waiting up to %.0f s for offline sites (nodes %s) to rejoin.", REJOIN_SECONDS, sorted(missing))
-        while missing:
+        are asked all the same and drop by name; they are not waited for again until they are seen online (a
+        site gone for good costs one wait, not one a round). A site seen offline lost its in-memory keys: an
+        advertisement it sent for this round with the last unmask reply is not used."""
+        online = set(self.grid.get_node_ids())
+        self.gone &= set(eligible) - online  # back online: waited for again next time
+        missing = set(eligible) - online - self.gone
+        self._forget_advertisements(set(eligible) - online)
+        if not missing:
+            return
+        log(INFO, "Waiting up to %.0f s for offline sites (nodes %s) to rejoin.", REJOIN_SECONDS, sorted(missing))
+        deadline = time.monotonic() + REJOIN_SECONDS
+        while missing := missing - set(self.grid.get_node_ids()):
             STOP.check()
-            if time.monotonic() > started + REJOIN_SECONDS:
+            if time.monotonic() > deadline:
                 log(WARNING, "Sites (nodes %s) are still offline after %.0f s; the round starts without them.",
                     sorted(missing), REJOIN_SECONDS)
+                self.gone |= missing
                 return
             time.sleep(0.5)
-            missing = set(eligible) - set(self.grid.get_node_ids())
-        if time.monotonic() > started + 1:
-            log(INFO, "Every site is online again after %.1f s.", time.monotonic() - started)
+        log(INFO, "The offline sites are online again.")
+
+    def _forget_advertisements(self, nodes: set[int]) -> None:
+        if self.advertised is not None:
+            for node in nodes:
+                self.advertised.ads.pop(node, None)
+                self.advertised.declined.pop(node, None)
 
     def _sample(self, eligible: list[int]) -> list[int]:
         size = self.config.sites_per_round or len(eligible)

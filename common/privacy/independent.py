@@ -6,6 +6,7 @@ Gaussian mechanisms composed in order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -67,6 +68,8 @@ def patient_level_epsilon(history: History, delta: float, images_per_patient: in
         return 0.0
     if images_per_patient == 1:
         return pld_epsilon(history, delta)
+    if any(float(s) <= 0 and float(q) > 0 and int(n) > 0 for s, q, n in history):
+        return math.inf  # a noiseless step that can see the patient: no guarantee (dp-accounting's answer too)
     composed = privacy_loss_distribution.identity(PATIENT_DISCRETIZATION)
     for noise_multiplier, sample_rate, steps in history:
         mechanism = _patient_mechanism(float(noise_multiplier), float(sample_rate), images_per_patient)

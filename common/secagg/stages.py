@@ -283,7 +283,10 @@ def parse_request(record: Mapping[str, Any]) -> Request:
     r = _Reader(record, {str(k) for k in _REQUEST_KEYS[stage]}, AbortReason.BAD_REQUEST, f"{stage} request")
     server_round = r.integer(Key.ROUND, 0, 2**62)
     if stage == Stage.ADVERTISE:
-        return AdvertiseRequest(server_round, _protocol(r))
+        protocol = _protocol(r)
+        if protocol.server_round != server_round:  # the session and signature bind the protocol's round
+            raise r.fail(f"{PROTOCOL_PREFIX}server_round", "must be the request's round")
+        return AdvertiseRequest(server_round, protocol)
     model_hash = r.bytes_of(Key.MODEL_HASH, DIGEST_BYTES)
     if stage == Stage.SHARE_KEYS:
         return ShareKeysRequest(server_round, model_hash, r.paired(Key.IDS, Key.C_PKS, KEY_BYTES),

@@ -85,6 +85,8 @@ NEXT_ROUND_DEFECTS = {
     "this round again (a replayed advertise request)": (
         lambda r: {**r, "round": 1}, "not an advertise request for the round after this one"),
     "a round far ahead": (lambda r: {**r, "round": 7}, "not an advertise request for the round after this one"),
+    "the round after this one, over this round's protocol (keys signed for this round)": (
+        lambda r: {**r, "protocol-server_round": 1}, "'protocol-server_round' differs from the request's round"),
     "a share-keys request instead": (
         lambda r: {**r, "stage": messages.STAGE_SHARE_KEYS}, "not an advertise request for the round after this one"),
     "a protocol its section does not describe": (

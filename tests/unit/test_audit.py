@@ -1,5 +1,6 @@
 """The audit on crafted ledgers: what passes, and each kind of failure it must catch."""
 
+import math
 import sqlite3
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def test_patient_level_epsilon_is_exact_for_one_image_and_grows_with_images_per_
     assert patient_level_epsilon(history, 1e-5, 1) == pytest.approx(record, rel=1e-9)
     two, four = patient_level_epsilon(history, 1e-5, 2), patient_level_epsilon(history, 1e-5, 4)
     assert record < two < four
+
+
+def test_a_noiseless_step_has_no_patient_level_guarantee_as_dp_accounting_says():
+    """A ledger entry with noise 0 (corrupt or tampered) is reported as infinite epsilon, not a crash."""
+    history = [(SIGMA, RATE, 30), (0.0, RATE, 5)]
+    assert pld_epsilon(history, 1e-5) == math.inf
+    assert patient_level_epsilon(history, 1e-5, 3) == math.inf
 
 
 def test_patient_level_epsilon_is_dp_accountings_mixture_of_gaussians_accountant():

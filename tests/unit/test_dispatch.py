@@ -62,13 +62,15 @@ def test_a_reply_stored_by_the_engine_wakes_the_servers_exchange(running_loop):
 
 
 def test_install_replaces_flowers_loop_only_on_the_release_it_was_written_for(monkeypatch):
+    """Against a stand-in for Flower's loop (same argument names), whatever an earlier test installed."""
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
 
-    flowers = vce_api.add_messages_to_queue
+    def flowers(state, queue, nodes_mapping, f_stop):  # noqa: ARG001 - the signature is what install() reads
+        raise AssertionError("never run here")
+
     monkeypatch.setattr(vce_api, "add_messages_to_queue", flowers)
-    if flowers is not dispatch.add_messages_to_queue:
-        monkeypatch.setattr(flwr, "__version__", "1.43.0")
-        assert not dispatch.install() and vce_api.add_messages_to_queue is flowers
-        monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    assert not dispatch.install() and vce_api.add_messages_to_queue is flowers
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
     assert dispatch.install() and vce_api.add_messages_to_queue is dispatch.add_messages_to_queue

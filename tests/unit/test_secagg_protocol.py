@@ -318,3 +318,14 @@ def test_nothing_the_server_receives_contains_an_update_or_a_seed():
     # and the survivors' unmask responses never carry both shares for one client
     for response in trace.unmask.values():
         assert not set(response.b_shares) & set(response.s_shares)
+
+
+def test_an_advertise_request_whose_protocol_names_another_round_is_refused():
+    """The session and the advertisement's signature bind the protocol's round: a request for round 2 over round
+    1's protocol would get keys signed for round 1."""
+    from common.secagg.stages import AdvertiseRequest, MalformedMessage, parse_request
+
+    request = AdvertiseRequest(2, ProtocolConfig(server_round=2, vector_length=4))
+    assert parse_request(request.record()) == request
+    with pytest.raises(MalformedMessage, match="'protocol-server_round' must be the request's round"):
+        parse_request({**request.record(), "protocol-server_round": 1})

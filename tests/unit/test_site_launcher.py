@@ -80,41 +80,67 @@ def test_a_supernode_that_starts_exiting_ends_even_if_an_exit_handler_hangs():
 
 
 
-def test_a_supernode_that_gives_up_on_the_superlink_exits_so_a_restart_policy_can_revive_it(tmp_path):
-    """Flower 1.42's SuperNode, out of --max-retries after its SuperLink died, returned from its loop but never
-    exited: its Runtime API server thread kept the process alive (CI: two sites hung after a SuperLink restart,
-    and nothing revived them). Real processes; the SuperLink without TLS, since only the process's end is checked
-    here (the loopback deployment tests run the same over TLS)."""
+@contextlib.contextmanager
+def _active_supernode(tmp_path: Path):
+    """A real `flower-superlink` (without TLS: only the SuperNode process's end is checked here; the loopback
+    deployment tests run the same over TLS) and a real `carefed-supernode` (--max-retries 1) that it activated."""
     from simulations.loopback import free_port
 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HOME": str(tmp_path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    port = free_port()
-    log = (tmp_path / "supernode.log").open("w")
+    port, log = free_port(), tmp_path / "supernode.log"
     superlink = subprocess.Popen(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                                   "--database", str(tmp_path / "superlink.db")], env=env, cwd=tmp_path,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while not _listening(port):  # the SuperNode gives up at once on a SuperLink not up yet
-        assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
-        time.sleep(0.2)
-    supernode = subprocess.Popen(["carefed-supernode", "--insecure", "--max-retries", "1", "--superlink",
-                                  f"127.0.0.1:{port}", "--host", "127.0.0.1", "--port", str(free_port()),
-                                  "--node-config", f'site-id=0 state-dir="{tmp_path}"'],
-                                 env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    supernode = None
     try:
-        while "SuperNode ID:" not in (tmp_path / "supernode.log").read_text() and time.monotonic() < deadline:
-            assert supernode.poll() is None, (tmp_path / "supernode.log").read_text()[-3000:]
+        deadline = time.monotonic() + 90
+        while not _listening(port):  # the SuperNode gives up at once on a SuperLink not up yet
+            assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
+            time.sleep(0.2)  # the poll interval of a wait with a deadline
+        supernode = subprocess.Popen(["carefed-supernode", "--insecure", "--max-retries", "1", "--superlink",
+                                      f"127.0.0.1:{port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                                      "--node-config", f'site-id=0 state-dir="{tmp_path}"'], env=env, cwd=tmp_path,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        while "SuperNode ID:" not in log.read_text() and time.monotonic() < deadline:
+            assert supernode.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
-        superlink.kill()
-        # 305 from Flower's exit, or 1 when its exit handlers (retrying the dead link) outlast the 15 s grace
-        assert supernode.wait(timeout=90) in (305, 1), (tmp_path / "supernode.log").read_text()[-3000:]
-        assert "the SuperNode stopped" in (tmp_path / "supernode.log").read_text()
+        assert "SuperNode ID:" in log.read_text(), log.read_text()[-3000:]
+        yield superlink, supernode, log
     finally:
         for process in (superlink, supernode):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            if process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_a_supernode_that_gives_up_on_the_superlink_exits_so_a_restart_policy_can_revive_it(tmp_path):
+    """Flower 1.42's SuperNode, out of --max-retries after its SuperLink died, returned from its loop but never
+    exited: its Runtime API server thread kept the process alive (CI: two sites hung after a SuperLink restart,
+    and nothing revived them)."""
+    with _active_supernode(tmp_path) as (superlink, supernode, log):
+        superlink.kill()
+        # 305 from Flower's exit, or 1 when its exit handlers (retrying the dead link) outlast the 15 s grace
+        assert supernode.wait(timeout=90) in (305, 1), log.read_text()[-3000:]
+        assert "the SuperNode stopped" in log.read_text()
+
+
+def test_a_supernode_whose_superexec_dies_stops_instead_of_looking_online(tmp_path):
+    """Without CareFed's SuperExec no task can run; the SuperNode's heartbeats would go on, every round would wait
+    for the site until round-timeout, and no restart policy would revive it."""
+    import psutil
+
+    with _active_supernode(tmp_path) as (superlink, supernode, log):
+        children = psutil.Process(supernode.pid).children()
+        launchers = [c for c in children if "client.launcher" in " ".join(c.cmdline())]
+        assert len(launchers) == 1, [c.cmdline() for c in children]
+        launchers[0].kill()
+        # stopped as SIGTERM stops it (Flower deactivates the node), with exit code 1, not Flower's graceful 0
+        assert supernode.wait(timeout=90) == 1, log.read_text()[-3000:]
+        assert "SuperNode terminated gracefully" in log.read_text()
+        assert "CareFed's SuperExec (client.launcher) exited with code -9" in log.read_text()
+        assert superlink.poll() is None  # the SuperNode stopped, not its SuperLink
 
 
 def _listening(port: int) -> bool:
