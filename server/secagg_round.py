@@ -58,6 +58,12 @@ class Advertised:
     ads: dict[int, Advertisement] = field(default_factory=dict)
     declined: dict[int, tuple[str, str]] = field(default_factory=dict)
 
+    def forget(self, nodes: Iterable[int]) -> None:
+        """Sites that lost their keys (seen offline: restarted) are asked again."""
+        for node in nodes:
+            self.ads.pop(node, None)
+            self.declined.pop(node, None)
+
 
 @dataclass
 class SecAggOutcome:

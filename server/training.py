@@ -240,7 +240,8 @@ class FederatedTraining:
         online = set(self.grid.get_node_ids())
         self.gone &= set(eligible) - online  # back online: waited for again next time
         missing = set(eligible) - online - self.gone
-        self._forget_advertisements(set(eligible) - online)
+        if self.advertised is not None:
+            self.advertised.forget(set(eligible) - online)
         if not missing:
             return
         log(INFO, "Waiting up to %.0f s for offline sites (nodes %s) to rejoin.", REJOIN_SECONDS, sorted(missing))
@@ -254,12 +255,6 @@ class FederatedTraining:
                 return
             time.sleep(0.5)
         log(INFO, "The offline sites are online again.")
-
-    def _forget_advertisements(self, nodes: set[int]) -> None:
-        if self.advertised is not None:
-            for node in nodes:
-                self.advertised.ads.pop(node, None)
-                self.advertised.declined.pop(node, None)
 
     def _sample(self, eligible: list[int]) -> list[int]:
         size = self.config.sites_per_round or len(eligible)

@@ -36,9 +36,7 @@ def clock(monkeypatch):
 
 
 def _run(grid: _Grid, advertised: Advertised | None = None) -> SimpleNamespace:
-    run = SimpleNamespace(grid=grid, gone=set(), advertised=advertised)
-    run._forget_advertisements = lambda nodes: FederatedTraining._forget_advertisements(run, nodes)
-    return run
+    return SimpleNamespace(grid=grid, gone=set(), advertised=advertised)
 
 
 def test_a_restarting_site_is_waited_for_until_it_is_back(clock):
