@@ -26,6 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
+from client import after_reply
+
 READ_VERSION = "1.42."  # the flwr release whose SuperExec and ClientApp task runner this drives
 # A task pulls its message from the SuperNode, which may still be fetching it from the SuperLink; Flower waits 1 s
 # before asking again (then 2, 4... 10 s). A message is a local copy away: ask again after 20 ms, then back off to 1 s.
@@ -114,6 +116,7 @@ def _run_task(spec: Any) -> NoReturn:
         for sig in (signal.SIGINT, signal.SIGTERM):  # the runner installs its own
             signal.signal(sig, signal.SIG_DFL)
         exit_handler.registered_exit_handlers.clear()  # the SuperExec's, inherited: not this process's to run
+        after_reply.enable()
         run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
                       certificates=validate_and_resolve_root_certificates(spec.root_certificates_path,
                                                                           spec.insecure),
@@ -122,6 +125,10 @@ def _run_task(spec: Any) -> NoReturn:
     except SystemExit as done:  # the runner ends with flwr_exit (sys.exit with the task's exit code)
         code = done.code if isinstance(done.code, int) else 1
     except BaseException:  # noqa: BLE001 - said; the child must end here, never return into the SuperExec loop
+        traceback.print_exc()
+    try:  # the reply and the task's status are out (run_clientapp pushed both before it exited)
+        after_reply.run()
+    except BaseException:  # noqa: BLE001 - as above
         traceback.print_exc()
     finally:
         sys.stdout.flush(), sys.stderr.flush()
@@ -145,6 +152,17 @@ def install() -> None:
         backoff_cap=OBJECT_PULL_LONGEST_WAIT, max_tries_per_object=None)  # bounded by Flower's 2 h as before
     import client.app  # noqa: F401 - the ClientApp, its gate and secure aggregation
     import client.site  # noqa: F401 - torch, torchvision and Opacus, for the training and evaluation tasks
+    _import_what_tasks_import_late()
+
+
+def _import_what_tasks_import_late() -> None:
+    """Modules a training task would otherwise import on first use, in every forked child: torch's optimizers
+    import torch._dynamo when the first one is built (0.9 s idle, 2-3 s with three sites on two cores; measured
+    with py-spy on the loopback), ScatterNet its scattering code, a PNG its decoder. Imports only: nothing here
+    starts a thread or touches torch's thread pools, which a fork must not inherit running."""
+    import PIL.PngImagePlugin  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    from kymatio.scattering2d.frontend import torch_frontend  # noqa: F401 - as common.models imports it
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,8 @@ composed from disk before each round: a restart or a new run id resets nothing.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -22,6 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from client import after_reply
 from client.identity import (
     CLASS_NAMES_KEY,
     DATA_KEY,
@@ -39,10 +42,10 @@ from common.data import SiteData, load_site_data
 from common.data.site import LocalDataSpec, load_deployed_site_data
 from common.errors import ConfigError, DataError
 from common.evaluation import evaluate_model
-from common.models import build_model, trained_part
+from common.models import build_model, keep_features_on_disk, trained_part
 from common.policy import PolicyRefusal
-from common.privacy import SitePrivacy
-from common.privacy.budget import DatasetSpend, epsilon, planned_history
+from common.privacy import SitePrivacy, memo
+from common.privacy.budget import DatasetSpend, epsilon, independent_epsilon, planned_history
 from common.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger, history_tuple
 from common.study import RequestError, StudySection
 from common.update_codec import clip_l2, flatten, unflatten
@@ -282,6 +285,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     config, site = admission.config, admission.site
     torch.set_num_threads(config.client_threads)
     record_placement(context, config, site, admission.server_round)
+    deployed = keep_derived_on_disk(context, admission)
     data = site_data(context, admission)
     max_per_patient = int(np.bincount(data.train_patients).max()) if data.num_train else 0
     privacy = None
@@ -304,9 +308,6 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     evaluation = _evaluation(admission, model, data)  # the received model, before training changes it
     generator = noise_generator(context, config, site, admission.server_round)
     # a deployed site draws its noise from a CSPRNG, and its SuperNode runs each message in a new ClientApp process
-    deployed = not is_simulated(context)
-    if deployed:  # compiled DP-SGD kernels outlive the process there (torch's cache is in /tmp by default)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(admission.state_dir / "compiled"))
     if config.privacy_unit == "patient" and privacy is not None:
         update = train_patient_level(model, data, config, privacy, generator, secure_noise=deployed,
                                      fresh_process=deployed)
@@ -336,7 +337,33 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
             return refuse(content, context, SiteSetupError("the round's ledger entry could not be committed; "
                                                            "its update is withheld"), data.fingerprint)
         records[messages.PRIVACY_REPORT] = privacy_report(site, privacy, max_per_patient, entry)
+        after_reply.later(functools.partial(warm_next_round, admission, ledger, privacy))
     return records
+
+
+def keep_derived_on_disk(context: Context, admission: Admission) -> bool:
+    """A deployed site (it is, when this returns True) runs each message in a new process: what it derives from
+    its images (ScatterNet's features), from public accounting quantities (noise calibration, epsilons) and its
+    compiled DP-SGD kernels are kept in its state folder for the next process (torch's own kernel cache would be
+    in /tmp)."""
+    if is_simulated(context):
+        return False
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(admission.state_dir / "compiled"))
+    keep_features_on_disk(admission.state_dir / "features")
+    memo.keep_in(admission.state_dir / "accountant.sqlite")
+    return True
+
+
+def warm_next_round(admission: Admission, ledger: PrivacyLedger, privacy: SitePrivacy) -> None:
+    """After the round's reply has left (client.after_reply), the accountant's numbers the site's next round of
+    this run starts with: its epsilons after one more round at the same noise, rate and steps, alone and composed
+    with the ledger's other runs (`check_budgets`), and the independent epsilon its entry will hold. They land in
+    the accountant's results file, where the next round's process finds them, off the round's critical path."""
+    if not privacy.can_afford_next_round():
+        return
+    with contextlib.suppress(PolicyRefusal):
+        check_budgets(admission, ledger, privacy)
+    independent_epsilon(planned_history(privacy, 1), privacy.delta)
 
 
 def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
@@ -347,6 +374,7 @@ def evaluate_site(content: RecordDict, context: Context) -> RecordDict:
     except GATE_ERRORS as err:
         return refuse(content, context, err)
     torch.set_num_threads(admission.config.client_threads)
+    keep_derived_on_disk(context, admission)
     data = site_data(context, admission)
     return RecordDict({messages.EVAL_METRICS: _evaluation(admission, model.to(site_device(admission.config)), data)})
 

@@ -12,8 +12,9 @@ Three things about Flower 1.42's SuperNode change (`adjust_supernode`):
 - polls (`_Polls`): with no message for it at the SuperLink, it waits a fixed 3 s before asking again, and it
   checks its own state for the ClientApp's reply every 0.5 s. A secure-aggregation round is four exchanges, and
   after each reply the next message comes as soon as the server has every site's reply, so the fixed 3 s cost most
-  exchanges 1.5-3 s. Here it asks again after 0.1 s, then 0.2, 0.4... up to Flower's 3 s while nothing comes (an
-  idle site polls as Flower's does), and checks for a reply every 50 ms (a query of its own state);
+  exchanges 1.5-3 s. Here it asks again 0.1 s after its reply left, then after 0.15, 0.23... (x1.5) up to Flower's
+  3 s while nothing comes (an idle site polls as Flower's does; within a stage, ten requests in the first 7.5 s),
+  and checks for a reply every 50 ms (a query of its own state);
 - heartbeat: it promises one every 30 s, so after a crash the SuperLink keeps the node online, and refuses the
   restarted SuperNode, for about a minute (two missed heartbeats). Here it promises one every 10 s (Flower's
   minimum) and sends one every 4 s: a crashed site is let back in after about 20 s;
@@ -42,6 +43,7 @@ READ_VERSION = "1.42."  # the flwr release whose SuperNode loop `_Polls` paces
 IDLE_POLL = 3.0  # Flower's wait after the SuperLink had no message (start_client_internal)
 REPLY_POLL = 0.5  # Flower's wait between checks of its own state for the ClientApp's reply
 FIRST_IDLE_WAIT = 0.1
+IDLE_GROWTH = 1.5  # x2 made a site notice the next stage up to as late again as it had waited (0.5-1 s a stage)
 REPLY_WAIT = 0.05
 HEARTBEAT_INTERVAL = 10  # seconds: the interval the SuperNode promises the SuperLink (Flower's minimum; default 30)
 EXIT_GRACE = 15.0  # seconds an exiting SuperNode may spend in Flower's exit handlers
@@ -110,7 +112,7 @@ class _Polls:
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_POLL:
             time.sleep(self.idle)
-            self.idle = min(2 * self.idle, IDLE_POLL)
+            self.idle = min(IDLE_GROWTH * self.idle, IDLE_POLL)
         else:
             time.sleep(REPLY_WAIT if seconds == REPLY_POLL else seconds)
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import opacus
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import ConfigError
 from common.privacy.independent import pld_epsilon
+from common.privacy.memo import on_disk
 
 ACCOUNTANT = "prv"
 CALIBRATION_TOLERANCE = 0.01
@@ -27,6 +29,7 @@ SIGMA_LIMIT, SIGMA_FLOOR = 1e4, 0.05
 
 
 @lru_cache(maxsize=1024)
+@on_disk(f"calibrate-noise-multiplier/opacus-{opacus.__version__}/prv/tolerance-{CALIBRATION_TOLERANCE}")
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise (within 0.01 in epsilon) whose PRV epsilon after `steps` steps is <= target.
 
@@ -145,9 +148,14 @@ class SitePrivacy:
                    int(record["planned-rounds"]), [(float(s), float(q), int(n)) for s, q, n in history])
 
 
-@lru_cache(maxsize=4096)
 def prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """Opacus PRV epsilon of a history (pure, so cached: sites of equal size share their numbers)."""
+    return _prv_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@lru_cache(maxsize=4096)
+@on_disk(f"prv-epsilon/opacus-{opacus.__version__}/{ACCOUNTANT}")
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     accountant = PRVAccountant()
     accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
     return float(accountant.get_epsilon(delta))

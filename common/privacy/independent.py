@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from importlib.metadata import version
 
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
+
+from common.privacy.memo import on_disk
 
 History = Sequence[tuple[float, float, int]]
 
@@ -31,10 +34,11 @@ def _events(history: History) -> list[dp_event.DpEvent]:
 
 def pld_epsilon(history: History, delta: float) -> float:
     """Epsilon from dp-accounting's privacy-loss-distribution accountant (tight, pessimistic discretisation)."""
-    return _pld_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta)
+    return _pld_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
 
 
 @lru_cache(maxsize=4096)
+@on_disk(f"pld-epsilon/dp-accounting-{version('dp-accounting')}/discretization-{PLD_DISCRETIZATION}")
 def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0

@@ -74,3 +74,50 @@ def test_fixed_features_are_cached_by_content_and_never_served_stale():
     assert cache.of(model.frontend, images, torch.device("cpu")) is not first
     head, features = trained_part(model, images)
     assert head is model.head and torch.equal(features, first)
+
+
+class CountingFrontend(nn.Module):
+    """ScatterNet's frontend, counting the images it transforms."""
+
+    def __init__(self, frontend: nn.Module) -> None:
+        super().__init__()
+        self.frontend, self.cache_key, self.images = frontend, frontend.cache_key, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return self.frontend(x)
+
+
+def test_features_kept_on_disk_serve_a_new_process_and_a_bad_file_is_recomputed(tmp_path, caplog):
+    model = build_model("scatternet", in_channels=1, num_classes=10, image_size=28)
+    images, cpu = torch.rand(6, 1, 28, 28), torch.device("cpu")
+    first = FeatureCache(max_bytes=2**20)
+    first.keep_on_disk(tmp_path / "features")
+    computed = first.of(model.frontend, images, cpu)
+    [kept] = (tmp_path / "features").glob("*.pt")
+    assert kept.stat().st_mode & 0o077 == 0  # derived from the site's images: private to the site's account
+
+    frontend = CountingFrontend(model.frontend)
+    fresh = FeatureCache(max_bytes=2**20)  # a new process: empty memory, same state folder
+    fresh.keep_on_disk(tmp_path / "features")
+    assert torch.equal(fresh.of(frontend, images, cpu), computed) and frontend.images == 0
+
+    kept.write_bytes(kept.read_bytes()[:100])  # torn, or anything else that is not these features
+    torn = FeatureCache(max_bytes=2**20)
+    torn.keep_on_disk(tmp_path / "features")
+    assert torch.equal(torn.of(frontend, images, cpu), computed) and frontend.images == 6
+    assert "could not be read" in caplog.text
+
+    other = torch.rand(3, 1, 28, 28)  # same key scheme, other content: its own file, never the first's
+    assert torch.equal(torn.of(frontend, other, cpu), model.frontend(other)) and frontend.images == 9
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 2
+
+
+def test_features_are_still_served_when_the_disk_refuses_them(tmp_path, caplog):
+    model = build_model("scatternet", in_channels=1, num_classes=10, image_size=28)
+    (tmp_path / "features").write_text("a file where the folder should be")
+    cache = FeatureCache(max_bytes=2**20)
+    cache.keep_on_disk(tmp_path / "features")
+    images = torch.rand(4, 1, 28, 28)
+    assert torch.equal(cache.of(model.frontend, images, torch.device("cpu")), model.frontend(images))
+    assert "could not be kept" in caplog.text

@@ -55,13 +55,14 @@ def test_the_supernode_asks_again_soon_after_a_message_and_backs_off_to_flowers_
     waits = []
     monkeypatch.setattr(supernode.time, "sleep", waits.append)
     polls = supernode._Polls()
-    for _ in range(7):
+    for _ in range(11):
         polls.sleep(supernode.IDLE_POLL)  # the SuperLink had nothing: Flower would wait 3 s each time
     polls.sleep(supernode.REPLY_POLL)
     polls.sleep(1.25)  # any other wait is Flower's own
     polls.message_pulled()
     polls.sleep(supernode.IDLE_POLL)
-    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.05, 1.25, 0.1]
+    idle = [0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375, 1.1390625, 1.70859375, 2.562890625, 3.0, 3.0]
+    assert waits == pytest.approx([*idle, 0.05, 1.25, 0.1])
     assert polls.monotonic is supernode.time.monotonic  # the rest of the module is the real one
 
 

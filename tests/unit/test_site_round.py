@@ -117,3 +117,34 @@ def test_patient_level_dp_sgd_gives_patient_level_epsilon_directly(make_config):
     assert image.epsilon_patient > 2 * patient.epsilon_patient  # record-level DP: the patient gets much less
     # batches hold as many patients as the images' batch holds patients' worth of images: same steps, same q
     assert patient.sample_rate == pytest.approx(image.sample_rate, rel=0.2)
+
+
+def test_the_accountants_numbers_a_deployed_round_needs_are_ready_before_it_starts(make_config, tmp_path):
+    """After a round's reply has left, a deployed site computes what its next round of the run will ask the
+    accountants (client.site.warm_next_round, in a process of its own); the next round then computes nothing new:
+    every number it needs is in the results file with the exact arguments it asks for."""
+    import os
+    import sqlite3
+
+    from client import after_reply
+    from common.privacy import memo
+
+    store = tmp_path / "accountant.sqlite"
+    memo.keep_in(store)
+    try:
+        after_reply.enable()
+        config = make_config(num_sites=4, num_server_rounds=3)
+        context = _context()
+        assert train_site(_content(config, 1), context)[messages.STATUS]["state"] == messages.STATE_TRAINED
+        worker = after_reply.run()
+        assert worker is not None and os.waitpid(worker, 0)[1] == 0
+        count = lambda: sqlite3.connect(store).execute("SELECT COUNT(*) FROM results").fetchone()[0]  # noqa: E731
+        warmed = count()
+        second = train_site(_content(config, 2), context)
+        assert second[messages.STATUS]["state"] == messages.STATE_TRAINED
+        assert count() == warmed  # round 2 found every PRV and PLD epsilon it needed
+        worker = after_reply.run()  # and it left its own job, for round 3
+        assert worker is not None and os.waitpid(worker, 0)[1] == 0 and count() > warmed
+    finally:
+        memo.keep_in(None)
+        after_reply._jobs = None  # as in any process client.launcher did not fork
