@@ -9,6 +9,7 @@ composed from disk before each round: a restart or a new run id resets nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -356,14 +357,17 @@ def keep_derived_on_disk(context: Context, admission: Admission) -> bool:
 
 def warm_next_round(admission: Admission, ledger: PrivacyLedger, privacy: SitePrivacy) -> None:
     """After the round's reply has left (client.after_reply), the accountant's numbers the site's next round of
-    this run starts with: its epsilons after one more round at the same noise, rate and steps, alone and composed
-    with the ledger's other runs (`check_budgets`), and the independent epsilon its entry will hold. They land in
-    the accountant's results file, where the next round's process finds them, off the round's critical path."""
+    this run asks for: its epsilons after one more round at the same noise, rate and steps, alone and composed
+    with the ledger's other runs (`check_budgets`), the independent epsilon its entry will hold, and whether it
+    could afford the round after (its privacy report says). They land in the accountant's results file, where
+    the next round's process finds them, off the round's critical path."""
     if not privacy.can_afford_next_round():
         return
     with contextlib.suppress(PolicyRefusal):
         check_budgets(admission, ledger, privacy)
-    independent_epsilon(planned_history(privacy, 1), privacy.delta)
+    after_next = planned_history(privacy, 1)
+    independent_epsilon(after_next, privacy.delta)
+    dataclasses.replace(privacy, history=list(after_next)).can_afford_next_round()
 
 
 def evaluate_site(content: RecordDict, context: Context) -> RecordDict:

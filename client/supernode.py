@@ -12,9 +12,10 @@ Three things about Flower 1.42's SuperNode change (`adjust_supernode`):
 - polls (`_Polls`): with no message for it at the SuperLink, it waits a fixed 3 s before asking again, and it
   checks its own state for the ClientApp's reply every 0.5 s. A secure-aggregation round is four exchanges, and
   after each reply the next message comes as soon as the server has every site's reply, so the fixed 3 s cost most
-  exchanges 1.5-3 s. Here it asks again 0.1 s after its reply left, then after 0.15, 0.23... (x1.5) up to Flower's
-  3 s while nothing comes (an idle site polls as Flower's does; within a stage, ten requests in the first 7.5 s),
-  and checks for a reply every 50 ms (a query of its own state);
+  exchanges 1.5-3 s. Here it asks again 0.1 s after its reply left, then after 0.15, 0.23... (x1.5) up to 0.5 s
+  for the first 10 s (the next stage of a round usually comes within them: about 25 requests), then on up to
+  Flower's 3 s (an idle site polls as Flower's does), and checks for a reply every 50 ms (a query of its own
+  state);
 - heartbeat: it promises one every 30 s, so after a crash the SuperLink keeps the node online, and refuses the
   restarted SuperNode, for about a minute (two missed heartbeats). Here it promises one every 10 s (Flower's
   minimum) and sends one every 4 s: a crashed site is let back in after about 20 s;
@@ -28,6 +29,7 @@ Three things about Flower 1.42's SuperNode change (`adjust_supernode`):
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import signal
@@ -44,6 +46,7 @@ IDLE_POLL = 3.0  # Flower's wait after the SuperLink had no message (start_clien
 REPLY_POLL = 0.5  # Flower's wait between checks of its own state for the ClientApp's reply
 FIRST_IDLE_WAIT = 0.1
 IDLE_GROWTH = 1.5  # x2 made a site notice the next stage up to as late again as it had waited (0.5-1 s a stage)
+IN_ROUND_WAIT, IN_ROUND_SECONDS = 0.5, 10.0  # the longest wait while the next stage is likely to come soon
 REPLY_WAIT = 0.05
 HEARTBEAT_INTERVAL = 10  # seconds: the interval the SuperNode promises the SuperLink (Flower's minimum; default 30)
 EXIT_GRACE = 15.0  # seconds an exiting SuperNode may spend in Flower's exit handlers
@@ -105,6 +108,7 @@ class _Polls:
 
     def __init__(self) -> None:
         self.idle = FIRST_IDLE_WAIT
+        self.replied = -math.inf  # when this site last sent a reply (time.monotonic)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -112,12 +116,13 @@ class _Polls:
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_POLL:
             time.sleep(self.idle)
-            self.idle = min(IDLE_GROWTH * self.idle, IDLE_POLL)
+            in_round = time.monotonic() - self.replied < IN_ROUND_SECONDS
+            self.idle = min(IDLE_GROWTH * self.idle, IN_ROUND_WAIT if in_round else IDLE_POLL)
         else:
             time.sleep(REPLY_WAIT if seconds == REPLY_POLL else seconds)
 
-    def message_pulled(self) -> None:
-        self.idle = FIRST_IDLE_WAIT
+    def reply_sent(self) -> None:
+        self.idle, self.replied = FIRST_IDLE_WAIT, time.monotonic()
 
 
 def exit_within(grace: float) -> None:
@@ -148,8 +153,8 @@ def adjust_supernode() -> None:
     push_messages = loop._push_messages
 
     def pushing(*args: Any, **kwargs: Any) -> None:  # Flower calls it right after it pulled a message
-        polls.message_pulled()
         push_messages(*args, **kwargs)
+        polls.reply_sent()
 
     loop.time = polls
     loop._push_messages = pushing

@@ -4,6 +4,7 @@ checked without a SuperNode; the loopback deployment tests run them for real, in
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -52,17 +53,24 @@ def test_whatever_app_the_run_names_the_site_runs_its_own():
 def test_the_supernode_asks_again_soon_after_a_message_and_backs_off_to_flowers_3_s(monkeypatch):
     from client import supernode
 
-    waits = []
-    monkeypatch.setattr(supernode.time, "sleep", waits.append)
+    waits, clock = [], [100.0]
+    monkeypatch.setattr(supernode.time, "sleep", lambda s: (waits.append(s), clock.__setitem__(0, clock[0] + s)))
+    monkeypatch.setattr(supernode.time, "monotonic", lambda: clock[0])
     polls = supernode._Polls()
     for _ in range(11):
         polls.sleep(supernode.IDLE_POLL)  # the SuperLink had nothing: Flower would wait 3 s each time
     polls.sleep(supernode.REPLY_POLL)
     polls.sleep(1.25)  # any other wait is Flower's own
-    polls.message_pulled()
-    polls.sleep(supernode.IDLE_POLL)
     idle = [0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375, 1.1390625, 1.70859375, 2.562890625, 3.0, 3.0]
-    assert waits == pytest.approx([*idle, 0.05, 1.25, 0.1])
+    assert waits == pytest.approx([*idle, 0.05, 1.25])
+    waits.clear()
+    polls.reply_sent()  # within a round: the next stage comes soon, so it asks at least every 0.5 s for 10 s
+    while not waits or waits[-1] < supernode.IDLE_POLL:
+        polls.sleep(supernode.IDLE_POLL)
+    assert waits[:6] == pytest.approx([0.1, 0.15, 0.225, 0.3375, 0.5, 0.5])
+    in_round = [w for w, t in zip(waits, itertools.accumulate(waits), strict=True) if t <= 10.0]
+    assert max(in_round) == 0.5 and len(in_round) > 15
+    assert waits[len(in_round) + 1:] == pytest.approx([0.75, 1.125, 1.6875, 2.53125, 3.0])  # then Flower's 3 s
     assert polls.monotonic is supernode.time.monotonic  # the rest of the module is the real one
 
 
