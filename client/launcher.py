@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -27,12 +26,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from client import after_reply
+from common import object_pulls
 
 READ_VERSION = "1.42."  # the flwr release whose SuperExec and ClientApp task runner this drives
-# A task pulls its message from the SuperNode, which may still be fetching it from the SuperLink; Flower waits 1 s
-# before asking again (then 2, 4... 10 s). A message is a local copy away: ask again after 20 ms, then back off to 1 s.
-OBJECT_PULL_FIRST_WAIT = 0.02
-OBJECT_PULL_LONGEST_WAIT = 1.0
 
 
 def _site_app_loader(default_app_ref: str, app_path: str | None, multi_app: bool) -> Any:
@@ -147,9 +143,8 @@ def install() -> None:
 
     runner.install_from_fab = _never_install
     runner.get_load_client_app_fn = _site_app_loader
-    runner.pull_and_inflate_object_from_tree = functools.partial(
-        inflatable_utils.pull_and_inflate_object_from_tree, initial_backoff=OBJECT_PULL_FIRST_WAIT,
-        backoff_cap=OBJECT_PULL_LONGEST_WAIT, max_tries_per_object=None)  # bounded by Flower's 2 h as before
+    # a task pulls its message from the SuperNode, which may still be fetching it from the SuperLink
+    runner.pull_and_inflate_object_from_tree = object_pulls.soon(inflatable_utils.pull_and_inflate_object_from_tree)
     import client.app  # noqa: F401 - the ClientApp, its gate and secure aggregation
     import client.site  # noqa: F401 - torch, torchvision and Opacus, for the training and evaluation tasks
     _import_what_tasks_import_late()

@@ -8,7 +8,7 @@ SuperExec (client/launcher.py) beside it: every ClientApp task runs the CareFed 
 app the coordinator sends. Their shared SuperExec secret (random, in a private folder) authenticates the SuperExec's
 requests for tasks; the Runtime API listens on 127.0.0.1 unless told otherwise.
 
-Three things about Flower 1.42's SuperNode change (`adjust_supernode`):
+Four things about Flower 1.42's SuperNode change (`adjust_supernode`):
 - polls (`_Polls`): with no message for it at the SuperLink, it waits a fixed 3 s before asking again, and it
   checks its own state for the ClientApp's reply every 0.5 s. A secure-aggregation round is four exchanges, and
   after each reply the next message comes as soon as the server has every site's reply, so the fixed 3 s cost most
@@ -16,6 +16,8 @@ Three things about Flower 1.42's SuperNode change (`adjust_supernode`):
   for the first 10 s (the next stage of a round usually comes within them: about 25 requests), then on up to
   Flower's 3 s (an idle site polls as Flower's does), and checks for a reply every 50 ms (a query of its own
   state);
+- object pulls: a request's objects asked for before the server finished uploading them are retried after 1 s;
+  here after 20 ms (common/object_pulls.py, which the ServerApp and the ClientApp tasks use too);
 - heartbeat: it promises one every 30 s, so after a crash the SuperLink keeps the node online, and refuses the
   restarted SuperNode, for about a minute (two missed heartbeats). Here it promises one every 10 s (Flower's
   minimum) and sends one every 4 s: a crashed site is let back in after about 20 s;
@@ -40,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from common import object_pulls
 
 READ_VERSION = "1.42."  # the flwr release whose SuperNode loop `_Polls` paces
 IDLE_POLL = 3.0  # Flower's wait after the SuperLink had no message (start_client_internal)
@@ -141,7 +145,8 @@ def exit_within(grace: float) -> None:
 
 
 def adjust_supernode() -> None:
-    """Flower's SuperNode as the module docstring says (polls, heartbeat, exit), on the release it was read against."""
+    """Flower's SuperNode as the module docstring says (polls, object pulls, heartbeat, exit), on the release it was
+    read against."""
     import flwr
     from flwr.supercore import heartbeat
     from flwr.supernode import fleet_http_connection as fleet
@@ -158,6 +163,7 @@ def adjust_supernode() -> None:
 
     loop.time = polls
     loop._push_messages = pushing
+    loop.pull_objects = object_pulls.soon(loop.pull_objects)  # a request's objects, still being uploaded
     fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL  # promised at activation and with every heartbeat
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL  # the sender's pace: (10 - 5 s timeout) x 0.8
     exit_within(EXIT_GRACE)

@@ -5,9 +5,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.logs import tidy_logging
+from common.object_pulls import pace_server_pulls
 from server.training import FederatedTraining
 
 tidy_logging()
+pace_server_pulls()
 app = ServerApp()
 
 
