@@ -156,3 +156,33 @@ def _listening(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
     return False
+
+
+def test_objects_still_uploading_are_asked_for_again_within_tens_of_milliseconds(monkeypatch):
+    """Flower's own pull waits 1 s after an object is unavailable; the pulls of all three sides (common.
+    object_pulls) retry after 20 ms. Run for real: Flower's `pull_objects` with an object that arrives on the
+    third ask."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_object import get_object_id
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    from common import object_pulls
+
+    content, asks = b"an object", []
+    object_id = get_object_id(content)
+
+    def pull(requested: str) -> bytes:
+        asks.append(time.monotonic())
+        if len(asks) < 3:
+            raise ObjectUnavailableError(requested)
+        return content
+
+    started = time.monotonic()
+    assert object_pulls.soon(inflatable_utils.pull_objects)([object_id], pull) == {object_id: content}
+    assert len(asks) == 3 and time.monotonic() - started < 0.5  # Flower's schedule: 1 s, then 2 s more
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+    object_pulls.pace_server_pulls()
+    object_pulls.pace_server_pulls()  # once is enough, and twice changes nothing
+    assert http_grid.pull_objects.func is inflatable_utils.pull_objects
+    assert http_grid.pull_objects.keywords["initial_backoff"] == object_pulls.FIRST_WAIT
