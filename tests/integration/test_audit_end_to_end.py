@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import carefed
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def render_in_chromium(page: Path) -> str:

@@ -249,6 +249,7 @@ def _egress(deployment: LoopbackDeployment, site: str, run: str) -> list[dict]:
     return [line for line in map(json.loads, lines) if line["run"] == run]
 
 
+@pytest.mark.long
 def test_a_superlink_restarted_mid_run_fails_the_run_by_name_and_the_next_runs_train(restarted_superlink,
                                                                                    second_study):
     deployment, status = restarted_superlink
@@ -270,6 +271,7 @@ def test_a_superlink_restarted_mid_run_fails_the_run_by_name_and_the_next_runs_t
     assert after == "finished:completed", deployment.log("superlink")[-3000:]
 
 
+@pytest.mark.long
 def test_two_studies_at_one_site_compose_into_one_lifetime_epsilon(second_study):
     deployment, _, status = second_study
     assert status == "finished:completed", deployment.log("superlink")[-3000:]

@@ -96,7 +96,8 @@ def _assert_failed_with_ledger_kept(run_dir: Path, reason: str, mark: str) -> No
     _wait_for(lambda: not _marked_processes(mark), "Ray's processes to exit", 30)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, id="sigterm"),
+                                    pytest.param(signal.SIGINT, id="ctrl-c", marks=pytest.mark.long)])
 def test_an_interrupted_simulation_ends_failed_with_its_ledger_kept(tmp_path: Path, signum: int):
     mark = uuid.uuid4().hex
     process, run_dir = _start_and_wait_for_a_round(tmp_path, mark)
@@ -108,6 +109,7 @@ def test_an_interrupted_simulation_ends_failed_with_its_ledger_kept(tmp_path: Pa
     _assert_failed_with_ledger_kept(run_dir, f"interrupted by {name}", mark)
 
 
+@pytest.mark.long
 def test_a_killed_study_process_is_recorded_failed_by_the_cli_that_started_it(tmp_path: Path):
     """The process that runs the study (Ray's driver) is killed outright, as the OOM killer would: nothing in it
     runs, so the `carefed` process that started it says so in the run folder, and Ray's processes die with it."""

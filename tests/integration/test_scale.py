@@ -25,6 +25,7 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.long
 def test_a_large_federation_builds_only_sampled_sites_and_replays_its_faults(make_config):
     # The cohort depends on Flower's random node ids; the fault draws are seeded per (round, site), so the test
     # predicts each round's outcome from its cohort. With these rates a run without any straggler has p < 0.002.
@@ -139,6 +140,7 @@ def ray_cluster(tmp_path: Path):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.long
 def test_simulation_runs_on_an_existing_two_node_ray_cluster(ray_cluster: str, tmp_path: Path):
     result = _carefed("simulate", "--sites", "4", "--rounds", "2", "--ray-address", ray_cluster,
                       "--run-name", "cluster", "--output", str(tmp_path), "--format", "json", cwd=tmp_path)

@@ -97,6 +97,7 @@ def test_sites_that_cannot_afford_another_round_are_not_sampled_and_the_run_ends
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt"]
 
 
+@pytest.mark.long
 def test_server_side_and_feature_options_change_the_model_but_no_sites_epsilon(make_config):
     """Post-processing at the server (FedAdam on the secure sum's mean, a moving average of the global models) and a
     different function inside the clipped unit (weight-standardised convolutions; ScatterNet's fixed features, each
@@ -133,6 +134,7 @@ def test_server_side_and_feature_options_change_the_model_but_no_sites_epsilon(m
     assert all(r["averaged-accuracy"] is None for r in _read(runs["fedavg"], "metrics.json")["rounds"])
 
 
+@pytest.mark.long
 def test_cli_runs_a_small_study_and_prints_json(tmp_path: Path):
     result = _carefed("simulate", "--sites", "3", "--rounds", "1", "--no-dp", "--run-name", "cli",
                       "--output", str(tmp_path), "--format", "json", cwd=tmp_path)

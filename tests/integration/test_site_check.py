@@ -111,6 +111,7 @@ def test_the_opt_in_is_counted_and_the_report_says_those_images_get_only_image_l
     assert "Privacy (patient-level" in out
 
 
+@pytest.mark.long
 def test_a_site_audits_its_own_dp_sgd_with_white_box_canaries_on_its_own_images(tmp_path: Path):
     data = _site_folder(tmp_path / "images")
     result = _carefed("site", "check", "--data", str(data), "--rounds", "4", "--whitebox", "1000", "--json",

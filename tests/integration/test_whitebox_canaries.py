@@ -46,6 +46,7 @@ def test_the_correct_implementation_passes_with_a_positive_bound():
     assert result.bound.ceiling > result.claimed_epsilon > 7.9  # it could have failed: the audit has the power
 
 
+@pytest.mark.long
 def test_what_the_canaries_observe_in_a_correct_dp_sgd_is_the_mechanism_the_accountant_analyses(monkeypatch):
     """After the site's own images are taken away, an absent canary sees only the noise (mean 0, standard deviation
     sigma) and a present one 1 at the sampling rate: the independence the verdict relies on, seen."""
