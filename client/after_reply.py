@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 
 LOG = logging.getLogger(__name__)
+LONGEST_SECONDS = 120  # a round's accounting takes a few seconds; nothing deferred may outlive this
 
 _jobs: list[Callable[[], object]] | None = None
 
@@ -41,8 +42,9 @@ def run() -> int | None:
         return pid
     code = 0
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # not Flower's task handlers: this is no task
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):  # not Flower's task handlers: this is no task
             signal.signal(sig, signal.SIG_DFL)
+        signal.alarm(LONGEST_SECONDS)  # SIGALRM ends it: whatever it has not kept by then the next task computes
         for job in _jobs:
             try:
                 job()

@@ -83,14 +83,17 @@ class ForkingExecutor:
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Reap finished tasks (called by Flower's loop before each request for a task)."""
-        for pid in list(self.children):
+        """Reap finished tasks, and the workers they left behind (client.after_reply: this process is their
+        subreaper), called by Flower's loop before each request for a task."""
+        while True:
             try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # already reaped
-                done = pid
-            if done:
-                self.children.discard(pid)
+                done, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # no child left
+                self.children.clear()
+                return
+            if not done:
+                return
+            self.children.discard(done)
 
     def close(self) -> None:
         """Remove the SuperExec secret carefed-supernode wrote (the SuperNode is gone: nobody needs it). Tasks
@@ -160,6 +163,17 @@ def _import_what_tasks_import_late() -> None:
     from kymatio.scattering2d.frontend import torch_frontend  # noqa: F401 - as common.models imports it
 
 
+def _adopt_orphans() -> None:
+    """Become the subreaper of every process forked below this one: a task's after-reply worker outlives the task,
+    and would otherwise be reparented to PID 1, which in the site's container is carefed-supernode, which never
+    reaps it (a zombie a round). Linux only; elsewhere the worker is left to the system's init."""
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="carefed-superexec", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.superexec import run_superexec as flower_superexec
 
     secret = args.superexec_auth_secret_file.read_bytes()
+    _adopt_orphans()
     executor = ForkingExecutor(args.superexec_auth_secret_file)
     flower_superexec.get_executor = lambda *_, **__: executor
     # Insecure on the Runtime API as Flower's own subprocess isolation is: it listens on 127.0.0.1 only.

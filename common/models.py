@@ -6,12 +6,15 @@ Server and clients build the model from the same config, so state-dict keys alwa
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import hashlib
 import logging
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -225,11 +228,14 @@ class FeatureCache:
     `max_bytes`.
 
     A deployed site runs each message in a new process, where memory starts empty: with `keep_on_disk(folder)`
-    features are also kept as files there (the site's state folder, beside its images' other derived data; only
-    the `MAX_FILES` most recently used), which saves a deployed training task 5 s of its 14 s (py-spy on the
-    loopback, three sites on two cores). A file that cannot be read or does not fit the images is recomputed."""
+    features are also kept as files there (the site's state folder), which saves a deployed training task 5 s of
+    its 14 s (py-spy on the loopback, three sites on two cores). They are derived from the site's images, so they
+    are private to its account (0600 files); the most recently used are kept up to `MAX_DISK_BYTES`, and nothing
+    is written that would leave under `MIN_FREE_BYTES` free (the ledger shares the disk). A file is keyed by the
+    torch and kymatio versions too; one that cannot be read or does not fit the images is recomputed."""
 
-    MAX_FILES = 8
+    MAX_DISK_BYTES = 2 * 2**30
+    MIN_FREE_BYTES = 1 * 2**30
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -260,7 +266,12 @@ class FeatureCache:
         return features
 
     def _file(self, key: tuple) -> Path | None:
-        return None if self.folder is None else self.folder / f"{hashlib.sha256(repr(key).encode()).hexdigest()}.pt"
+        if self.folder is None:
+            return None
+        from importlib.metadata import version
+
+        versioned = (key, torch.__version__, version("kymatio"))
+        return self.folder / f"{hashlib.sha256(repr(versioned).encode()).hexdigest()}.pt"
 
     def _read(self, key: tuple, images: torch.Tensor) -> torch.Tensor | None:
         path = self._file(key)
@@ -282,16 +293,39 @@ class FeatureCache:
         path = self._file(key)
         if path is None:
             return
+        partial = path.with_suffix(f".{os.getpid()}.partial")
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.partial")
+            size = features.numel() * features.element_size()
+            if shutil.disk_usage(path.parent).free - size < self.MIN_FREE_BYTES or size > self.MAX_DISK_BYTES:
+                LOG.warning("the features (%d MiB) are not kept in %s: too little free space", size >> 20,
+                            path.parent)
+                return
             with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
                 torch.save(features, out)
             os.replace(partial, path)  # whole or absent: a process killed mid-write leaves no torn file
-            for old in sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime)[:-self.MAX_FILES]:
-                old.unlink(missing_ok=True)
-        except OSError as err:  # a full or read-only disk: the features are still used, only not kept
+            self._evict(path.parent)
+        except Exception as err:  # noqa: BLE001 - a full or read-only disk: the features are used, only not kept
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             LOG.warning("the features could not be kept in %s (%s)", path.parent, err)
+
+    def _evict(self, folder: Path) -> None:
+        """Least recently used files first, down to MAX_DISK_BYTES; a partial file of a process that died too."""
+        entries = []
+        for file in folder.glob("*.pt"):
+            with contextlib.suppress(OSError):  # another process may have evicted it meanwhile
+                stat = file.stat()
+                entries.append((stat.st_mtime, stat.st_size, file))
+        total = 0
+        for _, size, file in sorted(entries, reverse=True):
+            total += size
+            if total > self.MAX_DISK_BYTES:
+                file.unlink(missing_ok=True)
+        for partial in folder.glob("*.partial"):
+            with contextlib.suppress(OSError):
+                if time.time() - partial.stat().st_mtime > 3600:
+                    partial.unlink()
 
 
 _FEATURES = FeatureCache(max_bytes=256 * 2**20)

@@ -67,3 +67,17 @@ def data_root(tmp_path_factory) -> Path:
     small = resolve(overrides={"partitioning": "resample", "site-size-median": 80, "site-size-spread": 0.0})
     write_site_folders(small, root, ["site-0", "site-1", "site-2"])
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_deployed_caches_after_a_test():
+    """A test that runs the ClientApp in-process with a deployed site's node config switches on the disk caches of
+    a deployed task process (client.site.keep_derived_on_disk) and may defer work past its reply: process-wide
+    settings, undone after every test so that none leaks into the next."""
+    yield
+    if "common.privacy.memo" in sys.modules:  # only what a test imported: no test pays for importing torch here
+        sys.modules["common.privacy.memo"].keep_in(None)
+    if "common.models" in sys.modules:
+        sys.modules["common.models"].keep_features_on_disk(None)
+    if "client.after_reply" in sys.modules:
+        sys.modules["client.after_reply"]._jobs = None

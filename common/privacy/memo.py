@@ -6,17 +6,24 @@ epsilons and a run's first round its calibration (7 s of a 14 s training task wi
 measured with py-spy on the loopback). With `keep_in(path)` those results are kept in a small SQLite file in the
 site's state folder, keyed by the function, the library that computed it and its exact arguments.
 
-What it holds is only what this site computed itself, from public quantities (noise, sampling rate, steps, delta):
-whoever could change it could as well rewrite the ledger beside it, and `carefed audit` never reads it (it
-recomputes every epsilon). A result is never a guess: a missing, unreadable or odd entry is recomputed.
+What it holds is only what this site computed itself, from accounting quantities (noise, sampling rate, steps,
+delta; no image, no gradient). They still say something of the site (the sampling rate gives its dataset's size,
+a composed history its other studies), so the file is private to the site's account (0600), like the ledger.
+Whoever could change it could as well rewrite the ledger beside it, and `carefed audit` never reads it (it
+recomputes every epsilon). A result is never a guess: a missing, unreadable or odd entry is recomputed. Its key
+names the function's own source and the numerical libraries' versions, so a release that changes how a number is
+computed never serves the old one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect
 import logging
 import math
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -36,21 +43,23 @@ def keep_in(path: Path | None) -> None:
 
 def on_disk(function_id: str) -> Callable[[F], F]:
     """Look a pure float-valued function's result up on disk before computing it, and keep what it computes.
-    `function_id` names the function and everything its value depends on besides the arguments (library
-    versions, discretisation), so that an upgrade never serves an old number."""
+    `function_id` names the function and what its value depends on besides the arguments and its own source
+    (which the key adds, with numpy's and scipy's versions): the libraries it calls, their settings."""
 
     def decorate(function: F) -> F:
+        function_id_full = f"{function_id}/{_version_of(function)}"
+
         @functools.wraps(function)
         def kept(*args: object, **kwargs: object) -> float:
             store = _store
             if store is None:
                 return function(*args, **kwargs)
             key = repr((args, sorted(kwargs.items())))
-            found = _read(store, function_id, key)
+            found = _read(store, function_id_full, key)
             if found is not None:
                 return found
             value = function(*args, **kwargs)
-            _write(store, function_id, key, value)
+            _write(store, function_id_full, key, value)
             return value
 
         return kept  # type: ignore[return-value]
@@ -58,7 +67,18 @@ def on_disk(function_id: str) -> Callable[[F], F]:
     return decorate
 
 
+def _version_of(function: Callable[..., float]) -> str:
+    """The function's source and the numerical libraries under every accountant, as a short digest."""
+    from importlib.metadata import version
+
+    source = inspect.getsource(function)
+    libraries = f"numpy-{version('numpy')}/scipy-{version('scipy')}"
+    return f"{libraries}/source-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
 def _connect(store: Path) -> sqlite3.Connection:
+    if not store.exists():
+        os.close(os.open(store, os.O_WRONLY | os.O_CREAT, 0o600))  # private to the site, like its ledger
     connection = sqlite3.connect(store, timeout=10)
     connection.execute("CREATE TABLE IF NOT EXISTS results (function TEXT NOT NULL, arguments TEXT NOT NULL, "
                        "value REAL NOT NULL, PRIMARY KEY (function, arguments))")

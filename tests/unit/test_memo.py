@@ -27,12 +27,26 @@ def test_a_result_is_computed_once_and_found_by_a_new_process(store):
     calls = []
     square = counted(calls)
     assert square(1.5, offset=0.25) == 2.5 and square(1.5, offset=0.25) == 2.5 and calls == [1.5]
+    assert store.stat().st_mode & 0o077 == 0  # it can say the dataset's size: private to the site's account
     again = counted(calls)  # what a new process defines: nothing but the file is shared
     assert again(1.5, offset=0.25) == 2.5 and calls == [1.5]
     assert again(1.5) == 2.25 and again(2.0, offset=0.25) == 4.25 and calls == [1.5, 1.5, 2.0]  # other arguments
 
 
+def test_a_function_whose_code_changed_never_gets_the_old_number(store):
+    @memo.on_disk("test-square/v1")
+    def square(x: float, *, offset: float = 0.0) -> float:
+        return x * x + offset
+
+    @memo.on_disk("test-square/v1")  # the same name, a fixed bug: another number for the same arguments
+    def square_fixed(x: float, *, offset: float = 0.0) -> float:
+        return x * x + offset + 1.0
+
+    assert square(2.0) == 4.0 and square_fixed(2.0) == 5.0 and square(2.0) == 4.0
+
+
 def test_without_a_store_nothing_is_kept(tmp_path):
+    memo.keep_in(None)
     calls = []
     square = counted(calls)
     assert square(3.0) == 9.0 and square(3.0) == 9.0 and calls == [3.0, 3.0]

@@ -108,8 +108,9 @@ def test_features_kept_on_disk_serve_a_new_process_and_a_bad_file_is_recomputed(
     assert torch.equal(torn.of(frontend, images, cpu), computed) and frontend.images == 6
     assert "could not be read" in caplog.text
 
-    other = torch.rand(3, 1, 28, 28)  # same key scheme, other content: its own file, never the first's
-    assert torch.equal(torn.of(frontend, other, cpu), model.frontend(other)) and frontend.images == 9
+    other = images.clone()  # the same shape, one pixel changed: its own file, never the first's
+    other[2, 0, 9, 9] += 0.5
+    assert torch.equal(torn.of(frontend, other, cpu), model.frontend(other)) and frontend.images == 12
     assert len(list((tmp_path / "features").glob("*.pt"))) == 2
 
 
@@ -121,3 +122,20 @@ def test_features_are_still_served_when_the_disk_refuses_them(tmp_path, caplog):
     images = torch.rand(4, 1, 28, 28)
     assert torch.equal(cache.of(model.frontend, images, torch.device("cpu")), model.frontend(images))
     assert "could not be kept" in caplog.text
+
+
+def test_the_features_kept_on_disk_stay_within_their_byte_budget(tmp_path, monkeypatch):
+    model = build_model("scatternet", in_channels=1, num_classes=10, image_size=28)
+    cache = FeatureCache(max_bytes=2**20)
+    cache.keep_on_disk(tmp_path / "features")
+    one_set = 4 * 81 * 7 * 7 * 4  # bytes of four images' features, as torch stores them (plus a header)
+    monkeypatch.setattr(FeatureCache, "MAX_DISK_BYTES", int(2.5 * (one_set + 1500)))
+    sets = [torch.rand(4, 1, 28, 28) for _ in range(4)]
+    for images in sets:
+        cache.of(model.frontend, images, torch.device("cpu"))
+    kept = list((tmp_path / "features").glob("*.pt"))
+    assert len(kept) == 2  # the two most recently used; the first two were evicted
+    assert {cache._file(k) for k in list(cache._entries)[-2:]} == set(kept)
+    monkeypatch.setattr(FeatureCache, "MIN_FREE_BYTES", 2**62)  # a disk nearly full: nothing more is written
+    cache.of(model.frontend, torch.rand(4, 1, 28, 28), torch.device("cpu"))
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 2

@@ -186,3 +186,40 @@ def test_objects_still_uploading_are_asked_for_again_within_tens_of_milliseconds
     object_pulls.pace_server_pulls()  # once is enough, and twice changes nothing
     assert http_grid.pull_objects.func is inflatable_utils.pull_objects
     assert http_grid.pull_objects.keywords["initial_backoff"] == object_pulls.FIRST_WAIT
+
+
+REAPING = """
+import json, os, sys, time
+import psutil
+from pathlib import Path
+from client.launcher import ForkingExecutor, _adopt_orphans
+
+_adopt_orphans()
+task = os.fork()
+if task == 0:  # a task process: it forks its after-reply worker, then ends at once
+    if os.fork() == 0:
+        time.sleep(1.0)
+        os._exit(0)
+    os._exit(0)
+executor = ForkingExecutor(Path(sys.argv[1]))
+executor.children.add(task)
+time.sleep(0.5)
+me = psutil.Process()
+adopted = [c.pid for c in me.children() if c.pid != task]
+deadline = time.monotonic() + 10
+while me.children() and time.monotonic() < deadline:
+    executor.reconcile()
+    time.sleep(0.05)
+print(json.dumps({"adopted": len(adopted), "left": len(me.children()), "tracked": len(executor.children)}))
+"""
+
+
+def test_the_superexec_reaps_the_workers_its_tasks_leave_behind(tmp_path):
+    """A task's after-reply worker outlives the task: the SuperExec adopts it (subreaper) and reaps it, so none is
+    left a zombie under a container's PID 1 that never reaps."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", REAPING, str(tmp_path / "secret")], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == {"adopted": 1, "left": 0, "tracked": 0}

@@ -123,7 +123,7 @@ def test_the_accountants_numbers_a_deployed_round_needs_are_ready_before_it_star
     """After a round's reply has left, a deployed site computes what its next round of the run will ask the
     accountants (client.site.warm_next_round, in a process of its own); the next round then computes nothing new:
     every number it needs is in the results file with the exact arguments it asks for."""
-    import os
+    import contextlib
     import sqlite3
 
     from client import after_reply
@@ -139,14 +139,34 @@ def test_the_accountants_numbers_a_deployed_round_needs_are_ready_before_it_star
         context = _context()
         assert train_site(_content(config, 1), context)[messages.STATUS]["state"] == messages.STATE_TRAINED
         worker = after_reply.run()
-        assert worker is not None and os.waitpid(worker, 0)[1] == 0
-        count = lambda: sqlite3.connect(store).execute("SELECT COUNT(*) FROM results").fetchone()[0]  # noqa: E731
+        assert worker is not None and _ended_well(worker)
+        def count() -> int:
+            with contextlib.closing(sqlite3.connect(store)) as connection:
+                return connection.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
         warmed = count()
         second = train_site(_content(config, 2), context)
         assert second[messages.STATUS]["state"] == messages.STATE_TRAINED
         assert count() == warmed  # round 2 found every PRV and PLD epsilon it needed
         worker = after_reply.run()  # and it left its own job, for round 3
-        assert worker is not None and os.waitpid(worker, 0)[1] == 0 and count() > warmed
+        assert worker is not None and _ended_well(worker) and count() > warmed
     finally:
         memo.keep_in(None)
         after_reply._jobs = None  # as in any process client.launcher did not fork
+
+
+def _ended_well(pid: int, within: float = 120.0) -> bool:
+    """The forked worker exited with code 0 within `within` seconds (it is killed otherwise: no hung suite)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
