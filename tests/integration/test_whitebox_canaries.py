@@ -74,6 +74,7 @@ def test_too_few_canaries_to_fail_the_study_are_refused_before_training():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_carefed_audit_fails_a_run_whose_sites_train_with_broken_dp_sgd(tmp_path, monkeypatch):
     """The CLI path: `carefed audit --whitebox` on a real run, with every site's game playing a broken DP-SGD
     (the test-only switch, set here by patching; the CLI cannot select one) exits 1 and names each site."""
