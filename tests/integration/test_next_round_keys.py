@@ -129,6 +129,7 @@ def test_a_next_round_request_on_any_other_stage_is_refused_whole(stage, data_ro
     assert set(reply.content.keys()) == {messages.STATUS}
     assert "rides only on an unmask request" in _refusals(sites)[-1].reason  # on the site's own record
     # the first site refused before training: nothing spent for round 1, and (at masked input) no masked update
+    # the same ledger holds the refusal (asserted above): a round-1 spend, had the site trained, would be here
     assert 1 not in [e.round for e in _ledger(sites).spends()]
     if stage == messages.STAGE_MASKED_INPUT:
         sent = [r for r in grid.replies if r.metadata.src_node_id == FIRST_NODE and not r.has_error()]
