@@ -4,9 +4,10 @@ Flower 1.42's simulation engine hands messages from its in-memory LinkState to t
 that scans every node and then waits 0.1 s (`add_messages_to_queue` in flwr/server/superlink/fleet/vce/vce_api.py),
 and the ServerApp then polls for the replies. Every message exchange of a round waits on both, and a secure-
 aggregation round is four exchanges against plain FedAvg's one: most of what secure aggregation cost a simulated
-round was these waits. Here the same loop (same arguments, same work per scan) wakes as soon as the ServerApp
-stores a message, and a reply the engine stores wakes the ServerApp's exchange (`server.exchange.REPLY_STORED`).
-Both still fall back to their intervals, so a missed wake-up costs time, never a message.
+round was these waits. Here the same loop (same arguments) wakes as soon as the ServerApp stores a message, and a
+reply the engine stores wakes the ServerApp's exchange (`server.exchange.REPLY_STORED`). Both still fall back to
+their intervals, so a missed wake-up costs time, never a message. A scan asks only the nodes that have a message
+waiting, not every node of the federation.
 
 `install()` swaps Flower's function for this one in its module, once, and only on the Flower release this was
 written against; on any other, the engine runs as Flower ships it.
@@ -47,7 +48,7 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int
         while not f_stop.is_set():
             pushed.clear()
             found = False
-            for node_id in nodes_mapping:
+            for node_id in _waiting(state, nodes_mapping):
                 for message in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(message)
                     found = True
@@ -55,6 +56,18 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int
                 pushed.wait(SCAN_INTERVAL)
     finally:
         del state.store_message_ins, state.store_message_res  # the class's own methods again
+
+
+def _waiting(state: Any, nodes_mapping: dict[int, int]) -> list[int]:
+    """The nodes with a message not yet handed out, in Flower's order. Flower asks every node, and each ask walks
+    the whole message store: with 1,000 idle sites a scan was thousands of checks, once per pushed message of
+    every exchange. A state without the in-memory store's fields is asked node by node, as Flower does."""
+    store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
+    if not isinstance(store, dict) or lock is None:
+        return list(nodes_mapping)
+    with lock:
+        waiting = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+    return [node_id for node_id in nodes_mapping if node_id in waiting]
 
 
 def install() -> bool:
