@@ -1,8 +1,10 @@
 """One round of secure aggregation over Flower's Grid: a thin adapter over common.secagg.ServerSession.
 
 Up to five `train` messages per site (advertise keys, share keys, masked input, consistency check with enrolled
-identities, unmask). The next round's advertise request rides on the unmask request, so from the second round
-on a site that answered it is not asked to advertise again: four exchanges a round (three without identities).
+identities, unmask). The next round's cohort is sampled when the unmask request goes out, and its advertise
+request goes out in the same exchange: riding on the unmask request of the sites in both cohorts, on its own to
+the sites new to the next round. From the second round on a site that answered it is not asked to advertise
+again: four exchanges a round (three without identities), with sampled cohorts too.
 Sites that do not answer a stage, answer with an error, or refuse a request are dropouts; the protocol recovers
 them or aborts the round. The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
 updates, and nothing else.
@@ -55,6 +57,7 @@ class Advertised:
     advertisement, or the (state, reason) of its refusal or abort; valid only for the round `protocol` names."""
 
     protocol: ProtocolConfig
+    cohort: list[int] = field(default_factory=list)  # the round's cohort, sampled when the request was sent
     ads: dict[int, Advertisement] = field(default_factory=dict)
     declined: dict[int, tuple[str, str]] = field(default_factory=dict)
 
@@ -83,13 +86,27 @@ def protocol_config(config: RunConfig, server_round: int, num_parameters: int) -
     )
 
 
+@dataclass(frozen=True)
+class NextRound:
+    """The next round's cohort, sampled before this round's unmask request, and its protocol."""
+
+    cohort: list[int]
+    protocol: ProtocolConfig
+
+
+# this round's refusals so far -> the next round (None: there is none)
+NextRoundPlan = Callable[[list[int]], NextRound | None]
+
+
 class SecAggRound:
     def __init__(self, grid: Grid, config: RunConfig, server_round: int, train_content: RecordDict,
                  num_parameters: int, on_train_reply: ReplyHandler, verifier: IdentityVerifier | None = None,
                  workers: int | None = None, *, advertised: Advertised | None = None,
-                 next_round: bool = False) -> None:
-        """`advertised`: the previous round's unmask replies' advertisements (used where they were made for this
-        round's protocol); `next_round`: ask for the next round's advertisements with the unmask request."""
+                 next_round: NextRoundPlan | None = None) -> None:
+        """`advertised`: the previous round's advertisements, sent with its unmask exchange (used where they were
+        made for this round's protocol); `next_round`: samples the next round's cohort when the unmask request is
+        sent, so that its advertise request goes out in the same exchange (riding on the unmask request of the
+        sites that are asked both, and on its own to the others)."""
         self.grid = grid
         self.config = config
         self.round = server_round
@@ -103,11 +120,13 @@ class SecAggRound:
         self.enrolment = Enrolment(None, verifier, config.study_id, config.run_name) if verifier else None
         self.cohort_size = 0  # sites that advertised valid keys (U1): the fixed-point scale's cohort
         self.advertised = advertised if advertised and advertised.protocol == self.protocol else None
-        self.next_protocol = protocol_config(config, server_round + 1, num_parameters) if next_round else None
+        self.next_round = next_round
+        self.cohort: list[int] = []
         self.outcome = SecAggOutcome()
 
     def run(self, cohort: list[int]) -> SecAggOutcome:
         outcome = self.outcome = SecAggOutcome()
+        self.cohort = list(cohort)
         try:
             advertisements = self.advertise_keys(cohort)
             requests = self.share_keys(advertisements)
@@ -174,7 +193,7 @@ class SecAggRound:
                 self.config.update_clip_norm, float(self.config.secagg_max_weight), self.cohort_size).record())
             return message
 
-        replies = self._exchange(Stage.MASKED_INPUT, list(requests), content, training=True)
+        replies, _ = self._exchange(Stage.MASKED_INPUT, list(requests), content, training=True)
         for node, reply in replies.items():
             self.on_train_reply(node, reply)
         return self.session.receive_masked_inputs(self._masked_vectors(replies))
@@ -192,11 +211,15 @@ class SecAggRound:
         record = Unmask(self.round, self.model_hash, self.session.session, request.alive, request.dropped,
                         signatures).record()
         asked = list(signatures) if self.protocol.require_signatures else request.alive  # those that signed
-        upcoming = None
-        if self.next_protocol is not None:  # the next round's advertise request rides along
-            upcoming = AdvertiseRequest(self.round + 1, self.next_protocol).record()
-            self.outcome.advertised = Advertised(self.next_protocol)
-        replies = self._key_stage(Stage.UNMASK, asked, record, self.cohort_size, upcoming)
+        upcoming, riding, ahead = None, set(), []
+        plan = self.next_round(list(self.outcome.refused)) if self.next_round is not None else None
+        if plan is not None:  # the next round's advertise request goes out in this exchange
+            upcoming = AdvertiseRequest(self.round + 1, plan.protocol).record()
+            self.outcome.advertised = Advertised(plan.protocol, plan.cohort)
+            riding = set(plan.cohort) & set(asked)
+            # not this round's cohort: a site that dropped in this round is asked in the next, as before
+            ahead = [u for u in plan.cohort if u not in self.cohort]
+        replies = self._key_stage(Stage.UNMASK, asked, record, self.cohort_size, upcoming, riding, ahead)
         total = self.session.receive_unmasking(
             {u: UnmaskResponse(r.b_shares, r.s_shares) for u, r in replies.items()})
         result = self._decode(total, len(request.alive))
@@ -216,32 +239,53 @@ class SecAggRound:
         return result
 
     def _key_stage(self, stage: Stage, nodes: list[int], request: dict[str, Any], max_items: int,
-                   upcoming: dict[str, Any] | None = None) -> dict[int, Any]:
-        """Send a key stage (the same request to every site: its record is built once and shared, read-only), with
-        the next round's advertise request if `upcoming`; parse each reply by its schema. A reply that does not
-        parse is that site dropping at this stage (named in the log and in metrics), never an exception out of
-        the round."""
-        bundle = {messages.SECAGG: ConfigRecord(request)}
-        if upcoming is not None:
-            bundle[messages.SECAGG_NEXT] = ConfigRecord(upcoming)
-        replies = self._exchange(stage, nodes, lambda node: RecordDict(bundle))
+                   upcoming: dict[str, Any] | None = None, riding: set[int] = frozenset(),
+                   ahead: list[int] = ()) -> dict[int, Any]:
+        """Send a key stage (the same request to every site: its record is built once and shared, read-only); the
+        next round's advertise request (`upcoming`) rides on the requests to `riding`, and goes on its own to
+        `ahead`, in the same exchange. Parse each reply by its schema. A reply that does not parse is that site
+        dropping at this stage (named in the log and in metrics), never an exception out of the round."""
+        shared = {messages.SECAGG: ConfigRecord(request)}
+        bundle = shared if upcoming is None else {**shared, messages.SECAGG_NEXT: ConfigRecord(upcoming)}
+        own = {messages.SECAGG: ConfigRecord(upcoming)} if upcoming is not None else {}
+        replies, next_round = self._exchange(
+            stage, nodes, lambda node: RecordDict(bundle if node in riding else shared),
+            ahead=(ahead, lambda node: RecordDict(own)))
         parsed, malformed = {}, []
         for node, content in replies.items():
             try:
                 answer = None
-                if upcoming is not None:
+                if node in riding:
                     content, answer = self._split_next_round(bundle, content)
                 record = content.get(messages.SECAGG)
                 if set(content.keys()) != {messages.SECAGG} or not isinstance(record, ConfigRecord):
                     raise MalformedMessage(AbortReason.BAD_RESPONSE, f"{stage} reply: wrong records")
                 parsed[node] = parse_reply(stage, record, max_items)
-                if upcoming is not None:
+                if node in riding:
                     self._keep_next_round(node, answer)  # only from a reply that parsed whole
             except MalformedMessage as err:
                 log(WARNING, "Round %d: node %d sent a malformed reply: %s", self.round, node, err)
                 malformed.append(node)
         self._note(stage, "malformed", malformed)
+        for node, content in next_round.items():
+            self._keep_next_round(node, self._advertisement_ahead(node, content))
         return parsed
+
+    def _advertisement_ahead(self, node: int, content: RecordDict) -> Any:
+        """A reply to the next round's advertise request sent on its own: the advertisement, or the (state, reason)
+        of a refusal or abort; None (asked again next round) for anything else. Never this round's dropout."""
+        try:
+            status = status_of(content)
+            if status is not None and status[0] != messages.STATE_TRAINED and set(content.keys()) == {messages.STATUS}:
+                return status
+            record = content.get(messages.SECAGG)
+            if status is not None or set(content.keys()) != {messages.SECAGG} or not isinstance(record, ConfigRecord):
+                raise MalformedMessage(AbortReason.BAD_RESPONSE, "advertise reply: wrong records")
+            return parse_reply(Stage.ADVERTISE, record, 0)
+        except (ReplyRefused, MalformedMessage) as err:
+            log(WARNING, "Round %d: node %d sent a malformed reply to round %d's advertise request: %s", self.round,
+                node, self.round + 1, err)
+            return None
 
     @staticmethod
     def _split_next_round(request: dict[str, Any], content: RecordDict) -> tuple[RecordDict, Any]:
@@ -272,22 +316,26 @@ class SecAggRound:
             self.session.dropped_along_the_way.setdefault(f"{stage}-{why}", []).extend(sorted(nodes))
 
     def _exchange(self, stage: Stage, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *,
-                  training: bool = False) -> dict[int, RecordDict]:
+                  training: bool = False, ahead: tuple[Iterable[int], Callable[[int], RecordDict]] = ((), dict),
+                  ) -> tuple[dict[int, RecordDict], dict[int, RecordDict]]:
         """Send one stage to `nodes` (with the request's sections); keep the replies that are not errors, refusals
         or malformed (each of those is that site dropping here). At the training stage a refusal is kept: the
-        caller records it with the site's privacy report. Replies from nodes not asked, or twice, are ignored."""
-        sections = [name for name in REQUEST_SECTIONS if name in self.train_content]
-        requests: dict[int, RecordDict] = {}
-        for node in nodes:
-            requests[node] = content = content_for(node)
-            for name in sections:
-                content[name] = self.train_content[name]
+        caller records it with the site's privacy report. Replies from nodes not asked, or twice, are ignored.
+        `ahead`: other sites, and their requests for the next round, sent in the same exchange; their replies
+        (those that are not errors) come back separately, and are never this stage's dropouts."""
+        requests = self._requests(nodes, content_for)
+        others = self._requests((u for u in ahead[0] if u not in requests), ahead[1])
         out = [Message(content=c, dst_node_id=u, message_type=MessageType.TRAIN, group_id=str(self.round))
                for u, c in requests.items()]
+        out += [Message(content=c, dst_node_id=u, message_type=MessageType.TRAIN, group_id=str(self.round + 1))
+                for u, c in others.items()]
         self.outcome.exchanges += 1
         replies: dict[int, RecordDict] = {}
+        next_round: dict[int, RecordDict] = {}
         answered: set[int] = set()
         for node, reply in send_and_receive(self.grid, out, self.config.round_timeout):
+            if node in others and node not in next_round and not reply.has_error():
+                next_round[node] = reply.content
             if node not in requests or node in answered:
                 continue
             answered.add(node)
@@ -310,7 +358,17 @@ class SecAggRound:
                 continue
             replies[node] = reply.content
         self._note(stage, "no-reply", set(requests) - answered)
-        return replies
+        return replies, next_round
+
+    def _requests(self, nodes: Iterable[int], content_for: Callable[[int], RecordDict]) -> dict[int, RecordDict]:
+        """Each node's request, with the sections of the round's request it needs (study, privacy, ...)."""
+        sections = [name for name in REQUEST_SECTIONS if name in self.train_content]
+        requests: dict[int, RecordDict] = {}
+        for node in nodes:
+            requests[node] = content = content_for(node)
+            for name in sections:
+                content[name] = self.train_content[name]
+        return requests
 
     def _masked_vectors(self, replies: dict[int, RecordDict]) -> Iterator[tuple[int, np.ndarray]]:
         """Each reply's masked vector, viewed in place; malformed ones are skipped (the site counts as dropped)."""

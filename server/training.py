@@ -33,7 +33,7 @@ from common.update_codec import flatten
 from server.aggregation import DeltaSum, ModelAverage, ServerOptimizer
 from server.exchange import STOP, RunInterrupted, send_and_receive
 from server.run_folder import RunFolder, with_run_name
-from server.secagg_round import Advertised, SecAggRound
+from server.secagg_round import Advertised, NextRound, SecAggRound, protocol_config
 
 NODE_WAIT_SECONDS = 120.0
 # A site whose SuperNode crashed or restarted is offline until it reconnects (Flower readmits a crashed node after
@@ -173,13 +173,11 @@ class FederatedTraining:
                 last_round, reason = server_round - 1, stop
                 break
             self._wait_for_rejoin(eligible)
-            cohort = self._sample(eligible)
+            cohort = self._planned(server_round, eligible) or self._sample(eligible)
             started, sent_before = time.perf_counter(), self.exchanges
             outside = [n for n in nodes if n not in cohort] if self.config.evaluates_all_sites else []
             self._amend_sites(server_round - 1, self._evaluate_sites(outside, server_round - 1))
-            # every eligible site trains: ask for the next round's keys with this round's unmask request
-            outcome = self._train(server_round, cohort, next_round=server_round < self.config.num_server_rounds
-                                  and len(cohort) == len(eligible))
+            outcome = self._train(server_round, cohort, nodes)
             self._amend_sites(server_round - 1, outcome.evaluated)
             if outcome.total.contributors:
                 weights = {k: v.numpy() for k, v in self.model.state_dict().items()}
@@ -260,6 +258,26 @@ class FederatedTraining:
         size = self.config.sites_per_round or len(eligible)
         return sorted(self.rng.sample(eligible, min(size, len(eligible))))
 
+    def _planned(self, server_round: int, eligible: list[int]) -> list[int] | None:
+        """The cohort sampled for this round when the last round's unmask request went out (with its advertise
+        request), if every site of it can still train; else None, and the round samples afresh."""
+        plan = self.advertised
+        if plan is None or plan.protocol.server_round != server_round or not set(plan.cohort) <= set(eligible):
+            return None
+        return plan.cohort
+
+    def _plan_next(self, server_round: int, nodes: list[int], refused: list[int]) -> NextRound | None:
+        """The next round's cohort and protocol, sampled at this round's unmask stage (every site's privacy report
+        of this round is in by then), so its advertise request can go out with the unmask request."""
+        if server_round >= self.config.num_server_rounds:
+            return None
+        eligible = [n for n in nodes if n not in self.exhausted and n not in refused]
+        if self._stop_reason(eligible):
+            return None
+        cohort = self._sample(eligible)
+        config = secagg_for_cohort(self.config, len(cohort))
+        return NextRound(cohort, protocol_config(config, server_round + 1, count_parameters(self.model)))
+
     def _content(self, server_round: int, request: SiteRequest | None = None) -> RecordDict:
         return request_content(request or self.request, server_round, ArrayRecord(self.model.state_dict()),
                                simulation=self.config if self.simulated else None)
@@ -286,7 +304,7 @@ class FederatedTraining:
                 replies[node] = f"malformed reply: {err}"
         return replies
 
-    def _train(self, server_round: int, cohort: list[int], *, next_round: bool = False) -> RoundOutcome:
+    def _train(self, server_round: int, cohort: list[int], nodes: list[int]) -> RoundOutcome:
         outcome = RoundOutcome()
         if self.config.secagg:
             config = secagg_for_cohort(self.config, len(cohort))
@@ -294,7 +312,8 @@ class FederatedTraining:
                                  self._content(server_round, config.site_request(**self.site_shape)),
                                  count_parameters(self.model),
                                  lambda node, content: self._note_train_reply(server_round, node, content, outcome),
-                                 self.identity_verifier, advertised=self.advertised, next_round=next_round)
+                                 self.identity_verifier, advertised=self.advertised,
+                                 next_round=lambda refused: self._plan_next(server_round, nodes, refused))
             result = secure.run(cohort)
             self.advertised = result.advertised  # used next round where made for its protocol
             outcome.secagg_aborted, outcome.secagg_dropped = result.aborted, result.dropped

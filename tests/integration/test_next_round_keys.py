@@ -12,7 +12,7 @@ from flwr.app import Message
 
 from common import messages
 from common.models import build_model, count_parameters
-from server.secagg_round import SecAggRound
+from server.secagg_round import NextRound, SecAggRound, protocol_config
 from server.training import request_content
 from tests.deployed_grid import FIRST_NODE
 from tests.integration.test_gate_attacks import (
@@ -31,11 +31,13 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 NUM_PARAMETERS = count_parameters(build_model("cnn", in_channels=1, num_classes=10, image_size=28))
 
 
-def _two_rounds(data_root, tmp_path, tamper=lambda msg: [msg]):
+def _two_rounds(data_root, tmp_path, tamper=lambda msg: [msg], *, sites=None, cohorts=None):
     """Two rounds of the real SecAggRound (identities off, as in the gate attacks), the second using the
-    advertisements that came with the first round's unmask replies. Returns the grid, the sites, both outcomes
-    and every (round, stage) the coordinator sent to the first site."""
-    sites = _sites(data_root, tmp_path, STRICT)
+    advertisements sent with the first round's unmask exchange. `cohorts`: each round's cohort (every site by
+    default). Returns the grid, the sites, both outcomes and every (round, stage) the coordinator sent to the
+    first site."""
+    sites = sites or _sites(data_root, tmp_path, STRICT)
+    cohorts = cohorts or (list(sites), list(sites))
     sent = []
 
     def watch(msg: Message) -> list[Message]:
@@ -43,13 +45,15 @@ def _two_rounds(data_root, tmp_path, tamper=lambda msg: [msg]):
             sent.append((msg.metadata.group_id, _stage(msg)))
         return tamper(msg)
 
-    grid, config = EvilGrid(sites, watch), _config(tmp_path)
+    grid, config = EvilGrid(sites, watch), _config(tmp_path, **{"num-sites": len(sites)})
+    second = NextRound(cohorts[1], protocol_config(config, 2, NUM_PARAMETERS))
     outcomes, advertised = [], None
-    for server_round in (1, 2):
+    for server_round, cohort in zip((1, 2), cohorts, strict=True):
         content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), server_round,
                                   _model_arrays())
+        plan = (lambda refused: second) if server_round == 1 else None
         outcome = SecAggRound(grid, config, server_round, content, NUM_PARAMETERS, lambda node, reply: None,
-                              advertised=advertised, next_round=server_round == 1).run(list(sites))
+                              advertised=advertised, next_round=plan).run(cohort)
         outcomes.append(outcome)
         advertised = outcome.advertised
     return grid, sites, outcomes, sent
@@ -69,6 +73,29 @@ def test_the_second_round_starts_at_key_sharing_with_the_keys_sent_at_the_first_
     assert sent == [("1", "advertise-keys"), ("1", "share-keys"), ("1", "masked-input"), ("1", "unmask"),
                     ("2", "share-keys"), ("2", "masked-input"), ("2", "unmask")]
     assert [e.round for e in _ledger(sites).spends()] == [1, 2]
+
+
+def test_a_site_sampled_for_the_next_round_only_is_asked_for_its_keys_in_this_rounds_unmask_exchange(data_root,
+                                                                                                       tmp_path):
+    """Sampled cohorts: round 2 drops the first site and adds a fourth. The fourth gets round 2's advertise
+    request on its own, in round 1's unmask exchange; the sites in both rounds get it riding on their unmask
+    request; the first site gets none. Round 2 then starts at key sharing."""
+    sites = _sites(data_root, tmp_path, STRICT)
+    fourth = FIRST_NODE + 3
+    sites[fourth] = {**sites[FIRST_NODE + 2], "site-id": 3, "state-dir": str(tmp_path / "state" / "site-3")}
+    cohorts = ([FIRST_NODE, FIRST_NODE + 1, FIRST_NODE + 2], [FIRST_NODE + 1, FIRST_NODE + 2, fourth])
+    grid, _, (first, second), sent = _two_rounds(data_root, tmp_path, sites=sites, cohorts=cohorts)
+    assert first.total.contributors == second.total.contributors == 3, (first.dropped, second.dropped)
+    assert set(first.advertised.ads) == set(cohorts[1]) and first.advertised.cohort == cohorts[1]
+    assert (first.exchanges, second.exchanges) == (4, 3)
+    assert sent == [("1", "advertise-keys"), ("1", "share-keys"), ("1", "masked-input"), ("1", "unmask")]
+    asked_ahead = [r for r in grid.replies if r.metadata.src_node_id == fourth]
+    assert [r.metadata.group_id for r in asked_ahead][:1] == ["2"]  # its first request: round 2's keys
+    riding = [r for r in grid.replies if r.metadata.group_id == "1" and messages.SECAGG_NEXT in r.content]
+    assert sorted(r.metadata.src_node_id for r in riding) == cohorts[1][:2]
+    assert messages.SECAGG_NEXT not in _first_sites_unmask_reply(grid).content
+    spends = {node - FIRST_NODE: [e.round for e in _ledger(sites, node).spends()] for node in sites}
+    assert spends == {0: [1], 1: [1, 2], 2: [1, 2], 3: [2]}
 
 
 def _at_first_sites_unmask(change):
