@@ -111,10 +111,29 @@ def check_state_dir(folder: Path) -> None:
                              "ledger must record a round before the round's update may leave")
 
 
+def _tagged(values: dict) -> tuple:
+    """The section's items, hashable, each value with its type (1, 1.0 and True are equal, but not alike)."""
+    def tag(value: object) -> object:
+        return (type(value).__name__, tuple(tag(v) for v in value) if isinstance(value, list) else value)
+
+    return tuple(sorted((str(key), tag(value)) for key, value in values.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _simulation_config(tagged: tuple) -> RunConfig:
+    """A simulation's run config, parsed once per worker process: every message of a run carries the same section
+    (a frozen RunConfig; an invalid section raises every time, lru_cache keeps no exception)."""
+    def untag(value: tuple) -> object:
+        kind, inner = value
+        return [untag(v) for v in inner] if kind == "list" else inner
+
+    return RunConfig.from_mapping({key: untag(value) for key, value in tagged})
+
+
 def _site_config(content: RecordDict, context: Context) -> RunConfig:
     if is_simulated(context):
         try:
-            return RunConfig.from_mapping(dict(_record(content, messages.SIMULATION)))
+            return _simulation_config(_tagged(dict(_record(content, messages.SIMULATION))))
         except ConfigError as err:
             raise RequestError(f"section 'simulation': {err}") from None
     if messages.SIMULATION in content:

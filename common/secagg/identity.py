@@ -23,6 +23,7 @@ The OIDs live under 2.25.<UUID> (ITU-T X.667: an arc anyone may mint from a rand
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -156,30 +157,45 @@ class SiteIdentity:
         mode = key_path.stat().st_mode & 0o777
         if mode & 0o077:
             raise IdentityError(f"{key_path} is readable by others (mode {mode:o}); run `chmod 600 {key_path}`")
-        try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        except (ValueError, TypeError) as err:
-            raise IdentityError(f"{folder}: identity files are not PEM ({err})") from None
-        if not isinstance(key, Ed25519PrivateKey) or key.public_key() != cert.public_key():
-            raise IdentityError(f"{key_path} is not the Ed25519 key certified by {cert_path}")
-        try:
-            name = _common_name(cert)
-        except IdentityRefused as err:
-            raise IdentityError(f"{cert_path}: {err.detail}") from None
-        return cls(key, cert.public_bytes(serialization.Encoding.DER), name)
+        key, certificate, name = _identity(key_path.read_bytes(), cert_path.read_bytes(), str(folder))
+        return cls(key, certificate, name)
 
     def sign(self, payload: bytes) -> bytes:
         return self._key.sign(payload)
 
 
+@functools.lru_cache(maxsize=16)
+def _identity(key_pem: bytes, cert_pem: bytes, folder: str) -> tuple[Ed25519PrivateKey, bytes, str]:
+    """The key, certificate DER and name from the identity files' bytes: parsed once per process (a simulation's
+    worker hosts many sites; the files are read, and their mode checked, every time)."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except (ValueError, TypeError) as err:
+        raise IdentityError(f"{folder}: identity files are not PEM ({err})") from None
+    if not isinstance(key, Ed25519PrivateKey) or key.public_key() != cert.public_key():
+        raise IdentityError(f"{folder}: {IDENTITY_KEY_FILE} is not the Ed25519 key certified by {IDENTITY_CERT_FILE}")
+    try:
+        name = _common_name(cert)
+    except IdentityRefused as err:
+        raise IdentityError(f"{folder}/{IDENTITY_CERT_FILE}: {err.detail}") from None
+    return key, cert.public_bytes(serialization.Encoding.DER), name
+
+
 # --- checking peers ---------------------------------------------------------------------------------------------
+
+# Certificates that passed the checks in this process, by (study CA, study id, certificate DER): a site checks the
+# same peers at every stage of every round, and in a simulation a worker process hosts many sites. Only passes are
+# kept (a refusal is checked again), and the validity window is checked at every use.
+_CHECKED: dict[tuple[bytes, str, bytes], _Verified] = {}
+CHECKED_MAX = 8192
 
 class IdentityVerifier:
     """Checks peers' identity certificates against one study CA and study id; remembers certificates it verified."""
 
     def __init__(self, ca_certificate: bytes, study_id: str, now: dt.datetime | None = None) -> None:
         self._ca = _load_ca(ca_certificate)
+        self._ca_der = self._ca.public_bytes(serialization.Encoding.DER)
         self.study_id = study_id
         self.now = now  # a fixed clock (tests, audits of past rounds); None: the system clock at each check
         self._verified: dict[bytes, _Verified] = {}
@@ -213,7 +229,12 @@ class IdentityVerifier:
     def _entry(self, cert_der: bytes) -> _Verified:
         entry = self._verified.get(cert_der) if isinstance(cert_der, bytes) else None
         if entry is None:
-            entry = self._check(cert_der)
+            key = (self._ca_der, self.study_id, cert_der) if isinstance(cert_der, bytes) else None
+            entry = _CHECKED.get(key) if key else None
+            if entry is None:
+                entry = self._check(cert_der)
+                if key and len(_CHECKED) < CHECKED_MAX:
+                    _CHECKED[key] = entry
             self._verified[cert_der] = entry
         self._check_window(entry)  # the clock moves: checked on every use, cached or not
         return entry
@@ -362,6 +383,14 @@ def _utf8_string_from_der(der: bytes) -> str:
 
 
 def _load_ca(data: bytes) -> x509.Certificate:
+    if not isinstance(data, bytes):
+        raise IdentityError(f"the study CA certificate must be bytes, not {type(data).__name__}")
+    return _ca_certificate(data)
+
+
+@functools.lru_cache(maxsize=16)
+def _ca_certificate(data: bytes) -> x509.Certificate:
+    """Parsed and checked once per process (a frozen certificate); a bad one raises every time."""
     try:
         ca = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----BEGIN")
               else x509.load_der_x509_certificate(data))

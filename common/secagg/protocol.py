@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 from common.secagg.errors import AbortReason, SecAggAbort
 
+_CANONICAL: dict[str, bytes] = {}
+
 
 @dataclass(frozen=True)
 class ProtocolConfig:
@@ -25,7 +27,15 @@ class ProtocolConfig:
     require_signatures: bool = False  # key advertisements must be signed by enrolled site identities
 
     def canonical(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        """Built once per config: each site hashes it into every peer's signed payload. Keyed by repr, which tells
+        0 from 0.0 and True from 1 (equal as fields, not as JSON)."""
+        key = repr(self)
+        found = _CANONICAL.get(key)
+        if found is None:
+            found = json.dumps(asdict(self), sort_keys=True).encode()
+            if len(_CANONICAL) < 256:
+                _CANONICAL[key] = found
+        return found
 
     def validate(self) -> None:
         if not 0 <= self.dropout_rate < 1:

@@ -153,6 +153,30 @@ def test_a_cached_certificate_is_rechecked_against_the_clock():
     _refusal(IdentityProblem.EXPIRED, verifier.verify_certificate, cert)
 
 
+def test_a_certificate_checked_once_is_not_checked_again_by_a_new_verifier_of_the_same_ca_and_study(monkeypatch):
+    """A site builds a verifier per message; the certificate checks it passed stay checked in the process."""
+    from common.secagg import identity
+
+    _, cert = _identity(site="cached-once")
+    _verifier().verify_certificate(cert)
+    checks = []
+    monkeypatch.setattr(IdentityVerifier, "_check", lambda self, der: checks.append(der))
+    assert _verifier().verify_certificate(cert).name == "cached-once" and checks == []
+    assert (_der(CA[1]), STUDY, cert) in identity._CHECKED
+
+
+def test_a_certificate_passed_under_one_ca_or_study_is_checked_again_under_another():
+    """The process-wide record of passed checks is keyed by the study CA and the study id too: a certificate that
+    passed for one study is refused where it does not belong, and the clock still applies to a cached pass."""
+    _, cert = _identity(site="two-studies")
+    _verifier().verify_certificate(cert)
+    _refusal(IdentityProblem.UNKNOWN_CA, IdentityVerifier(_pem(OTHER_CA[1]), STUDY, now=NOW).verify_certificate,
+             cert)
+    _refusal(IdentityProblem.WRONG_STUDY, IdentityVerifier(_pem(CA[1]), "another-study", now=NOW).verify_certificate,
+             cert)
+    _refusal(IdentityProblem.EXPIRED, _verifier(NOW + dt.timedelta(days=400)).verify_certificate, cert)
+
+
 def _custom(*, eku=(IDENTITY_EKU,), key=None, ca_flag=False, usage_sign=True, study_ext=True) -> bytes:
     """An otherwise valid identity certificate from the study CA with one property changed."""
     reference = x509.load_der_x509_certificate(_identity()[1])

@@ -133,3 +133,16 @@ def test_calibration_is_bounded_for_any_epsilon_a_policy_allows_and_refuses_beyo
     assert 29.9 <= prv_epsilon(((sigma, 0.2, 150),), 1e-5) <= 30.0
     with pytest.raises(ConfigError, match="cannot calibrate noise"):
         calibrate_noise_multiplier(target_epsilon=1000.0, delta=1e-5, sample_rate=0.2, steps=150)
+
+
+def test_a_simulated_sites_run_config_is_parsed_once_and_a_changed_type_is_still_refused():
+    """Virtual sites parse the simulation section of every message; it is parsed once per worker process, keyed by
+    each value with its type, so a section the parser refuses (an int where a bool is due) is refused every time,
+    even after the same values with the right types were accepted."""
+    from client.policy_gate import _simulation_config, _tagged
+
+    values = resolve(overrides={"run-name": "r1"}).to_mapping()
+    first = _simulation_config(_tagged(values))
+    assert _simulation_config(_tagged(dict(values))) is first
+    with pytest.raises(ConfigError, match="expected bool, got int"):
+        _simulation_config(_tagged({**values, "dp": int(values["dp"])}))

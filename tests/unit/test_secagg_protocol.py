@@ -329,3 +329,13 @@ def test_an_advertise_request_whose_protocol_names_another_round_is_refused():
     assert parse_request(request.record()) == request
     with pytest.raises(MalformedMessage, match="'protocol-server_round' must be the request's round"):
         parse_request({**request.record(), "protocol-server_round": 1})
+
+
+def test_the_canonical_config_is_kept_per_config_and_tells_types_apart():
+    """Built once per config (each site hashes it into every peer's signed payload), but never shared between
+    configs that are equal as fields and differ as JSON (0 and 0.0, True and 1)."""
+    config = ProtocolConfig(server_round=2, vector_length=10, dropout_rate=0.0)
+    assert config.canonical() is config.canonical()
+    as_int = ProtocolConfig(server_round=2, vector_length=10, dropout_rate=0)
+    assert as_int == config and as_int.canonical() != config.canonical()
+    assert b'"dropout_rate": 0,' in as_int.canonical() and b'"dropout_rate": 0.0,' in config.canonical()
