@@ -4,7 +4,9 @@ Up to five `train` messages per site (advertise keys, share keys, masked input, 
 identities, unmask). The next round's cohort is sampled when the unmask request goes out, and its advertise
 request goes out in the same exchange: riding on the unmask request of the sites in both cohorts, on its own to
 the sites new to the next round. From the second round on a site that answered it is not asked to advertise
-again: four exchanges a round (three without identities), with sampled cohorts too.
+again: four exchanges a round (three without identities), with sampled cohorts too, unless a site of the next
+cohort did not answer (it dropped out of this round, failed, or the next cohort's size gets another graph) and is
+asked in an exchange of the next round.
 Sites that do not answer a stage, answer with an error, or refuse a request are dropouts; the protocol recovers
 them or aborts the round. The server ends up with sum_k n_k * delta_k, sum_k n_k and the number of clipped
 updates, and nothing else.
@@ -12,6 +14,7 @@ updates, and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -213,9 +216,13 @@ class SecAggRound:
         asked = list(signatures) if self.protocol.require_signatures else request.alive  # those that signed
         upcoming, riding, ahead = None, set(), []
         plan = self.next_round(list(self.outcome.refused)) if self.next_round is not None else None
-        if plan is not None:  # the next round's advertise request goes out in this exchange
-            upcoming = AdvertiseRequest(self.round + 1, plan.protocol).record()
+        if plan is not None:
             self.outcome.advertised = Advertised(plan.protocol, plan.cohort)
+        # The next round's advertise request goes out in this exchange, carrying this round's request sections;
+        # only where they describe its protocol (a cohort of another size may get another graph: every site
+        # would refuse the request, by name); otherwise the next round advertises in an exchange of its own.
+        if plan is not None and dataclasses.replace(plan.protocol, server_round=self.round) == self.protocol:
+            upcoming = AdvertiseRequest(self.round + 1, plan.protocol).record()
             riding = set(plan.cohort) & set(asked)
             # not this round's cohort: a site that dropped in this round is asked in the next, as before
             ahead = [u for u in plan.cohort if u not in self.cohort]
@@ -334,8 +341,12 @@ class SecAggRound:
         next_round: dict[int, RecordDict] = {}
         answered: set[int] = set()
         for node, reply in send_and_receive(self.grid, out, self.config.round_timeout):
-            if node in others and node not in next_round and not reply.has_error():
-                next_round[node] = reply.content
+            if node in others and node not in next_round:
+                if reply.has_error():  # asked again in the next round
+                    log(WARNING, "Round %d: node %d failed round %d's advertise request: %s", self.round, node,
+                        self.round + 1, reply.error.reason[:300])
+                else:
+                    next_round[node] = reply.content
             if node not in requests or node in answered:
                 continue
             answered.add(node)

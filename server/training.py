@@ -267,8 +267,8 @@ class FederatedTraining:
         return plan.cohort
 
     def _plan_next(self, server_round: int, nodes: list[int], refused: list[int]) -> NextRound | None:
-        """The next round's cohort and protocol, sampled at this round's unmask stage (every site's privacy report
-        of this round is in by then), so its advertise request can go out with the unmask request."""
+        """The next round's cohort and protocol, sampled at this round's unmask stage (the privacy reports of this
+        round's masked inputs are in by then), so its advertise request can go out with the unmask request."""
         if server_round >= self.config.num_server_rounds:
             return None
         eligible = [n for n in nodes if n not in self.exhausted and n not in refused]

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 NUM_PARAMETERS = count_parameters(build_model("cnn", in_channels=1, num_classes=10, image_size=28))
 
 
-def _two_rounds(data_root, tmp_path, tamper=lambda msg: [msg], *, sites=None, cohorts=None):
+def _two_rounds(data_root, tmp_path, tamper=lambda msg: [msg], *, sites=None, cohorts=None, second=None):
     """Two rounds of the real SecAggRound (identities off, as in the gate attacks), the second using the
     advertisements sent with the first round's unmask exchange. `cohorts`: each round's cohort (every site by
     default). Returns the grid, the sites, both outcomes and every (round, stage) the coordinator sent to the
@@ -46,14 +46,15 @@ def _two_rounds(data_root, tmp_path, tamper=lambda msg: [msg], *, sites=None, co
         return tamper(msg)
 
     grid, config = EvilGrid(sites, watch), _config(tmp_path, **{"num-sites": len(sites)})
-    second = NextRound(cohorts[1], protocol_config(config, 2, NUM_PARAMETERS))
+    configs = (config, _config(tmp_path, **{"num-sites": len(sites), **(second or {})}))
+    plan = NextRound(cohorts[1], protocol_config(configs[1], 2, NUM_PARAMETERS))
     outcomes, advertised = [], None
-    for server_round, cohort in zip((1, 2), cohorts, strict=True):
-        content = request_content(config.site_request(num_classes=10, channels=1, image_size=28), server_round,
-                                  _model_arrays())
-        plan = (lambda refused: second) if server_round == 1 else None
-        outcome = SecAggRound(grid, config, server_round, content, NUM_PARAMETERS, lambda node, reply: None,
-                              advertised=advertised, next_round=plan).run(cohort)
+    for server_round, cohort, round_config in zip((1, 2), cohorts, configs, strict=True):
+        content = request_content(round_config.site_request(num_classes=10, channels=1, image_size=28),
+                                  server_round, _model_arrays())
+        outcome = SecAggRound(grid, round_config, server_round, content, NUM_PARAMETERS, lambda node, reply: None,
+                              advertised=advertised,
+                              next_round=(lambda refused: plan) if server_round == 1 else None).run(cohort)
         outcomes.append(outcome)
         advertised = outcome.advertised
     return grid, sites, outcomes, sent
@@ -96,6 +97,21 @@ def test_a_site_sampled_for_the_next_round_only_is_asked_for_its_keys_in_this_ro
     assert messages.SECAGG_NEXT not in _first_sites_unmask_reply(grid).content
     spends = {node - FIRST_NODE: [e.round for e in _ledger(sites, node).spends()] for node in sites}
     assert spends == {0: [1], 1: [1, 2], 2: [1, 2], 3: [2]}
+
+
+def test_a_next_round_whose_protocol_this_rounds_sections_do_not_describe_advertises_in_its_own_exchange(
+        data_root, tmp_path):
+    """A next cohort of another size can get another graph and threshold (secagg_for_cohort): its advertise
+    request, carrying this round's sections, would be refused by every site. It is not sent: no site refuses
+    anything, and the next round asks for keys in an exchange of its own."""
+    grid, sites, (first, second), sent = _two_rounds(data_root, tmp_path, second={"secagg-dropout-rate": 0.2})
+    assert first.total.contributors == second.total.contributors == len(sites), (first.dropped, second.dropped)
+    assert first.advertised.cohort == list(sites) and not first.advertised.ads and not first.advertised.declined
+    assert (first.exchanges, second.exchanges) == (4, 4)
+    assert sent[3:5] == [("1", "unmask"), ("2", "advertise-keys")]
+    assert not any(messages.SECAGG_NEXT in r.content or messages.STATUS_NEXT in r.content for r in grid.replies)
+    assert not any(_refusals(sites, node) for node in sites)
+    assert [e.round for e in _ledger(sites).spends()] == [1, 2]
 
 
 def _at_first_sites_unmask(change):
