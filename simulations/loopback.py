@@ -58,6 +58,7 @@ class LoopbackDeployment:
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _descendants: set[psutil.Process] = field(default_factory=set)
+    _control: object | None = field(default=None, repr=False)  # the Control API client, made at first use
 
     @property
     def study(self) -> StudyPaths:
@@ -121,8 +122,7 @@ class LoopbackDeployment:
 
     def start_superlink(self) -> None:
         self._spawn("superlink", self.superlink_command(), home="superlink")
-        self.wait_until(lambda: self.flwr_json("supernode", "list", CONNECTION)[0] is not None,
-                        "the SuperLink to answer", 90)
+        self.wait_until(lambda: self._control_call("ListNodes") is not None, "the SuperLink to answer", 90)
 
     def register(self, site: str) -> None:
         args = ("supernode", "register", str(self.study.site(site) / "node.pub"), CONNECTION, "--name", site)
@@ -201,8 +201,8 @@ class LoopbackDeployment:
         self.wait_until(active, f"{site} to be active again", timeout, interval=0.5)
 
     def online_nodes(self) -> int:
-        listed, _ = self.flwr_json("supernode", "list", CONNECTION)
-        return 0 if listed is None else sum(1 for n in listed["nodes"] if n["status"] == "online")
+        nodes = self._control_call("ListNodes")
+        return 0 if nodes is None else sum(1 for n in nodes.nodes_info if n.status == "online")
 
     def wait_online(self, count: int, timeout: float = 90) -> None:
         self.wait_until(lambda: self.online_nodes() >= count, f"{count} SuperNodes online", timeout)
@@ -226,21 +226,58 @@ class LoopbackDeployment:
 
         def finished() -> bool:
             nonlocal status
-            listed, _ = self.flwr_json("list", "--run-id", run_id)
-            if listed is not None:
-                status = listed["runs"][0]["status"]
+            listed = self._control_call("ListRuns", run_id=int(run_id))
+            if listed is not None and int(run_id) in listed.run_dict:
+                found = listed.run_dict[int(run_id)].status
+                status = f"{found.status}:{found.sub_status}" if found.sub_status else found.status
             return status.startswith("finished")
 
-        self.wait_until(finished, f"run {run_id} to finish", timeout, interval=2)
+        self.wait_until(finished, f"run {run_id} to finish", timeout, interval=1)
         return status
+
+    def _control_call(self, method: str, **request: object):
+        """One call to the SuperLink's Control API over TLS with the study's CA, what `flwr list` and `flwr
+        supernode list` send, made from this process: each `flwr` command costs 2-3 s of CPU to start (measured on
+        two cores), and polling with it every few seconds took a core's half from the deployment it watched.
+        None when the SuperLink does not answer."""
+        from flwr.cli.auth_plugin.noop_auth_plugin import NoOpCliAuthPlugin
+        from flwr.cli.cli_account_auth_interceptor import CliAccountAuthHttpInterceptor
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.proto import control_pb2
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        if self._control is None:
+            address = f"127.0.0.1:{self.port}"
+            auth = NoOpCliAuthPlugin(address)
+            self._control = ControlHttpClient.from_server_address(
+                address, insecure=False, root_certificates=(self.study.root / "superlink" / "ca.crt").read_bytes(),
+                interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                              CliAccountAuthHttpInterceptor(auth, lambda _: None)])
+        try:
+            return getattr(self._control, method)(getattr(control_pb2, f"{method}Request")(**request))
+        except Exception:  # noqa: BLE001 - not up yet, restarting, or gone: the caller polls again, afresh
+            self._control = None
+            return None
 
     def log(self, name: str) -> str:
         path = self.work / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self, name: str | None = None, grace: float = 20) -> None:
-        """SIGTERM each process group, SIGKILL whatever of it (and of its descendants) is left after `grace` s."""
-        names = [name] if name else list(self.processes)
+        """SIGTERM each process group, SIGKILL whatever of it (and of its descendants) is left after `grace` s.
+        The SuperNodes go first and the SuperLink last, as a study is shut down: a SuperNode stopped after the
+        SuperLink retries its goodbye (deactivating its node) against a closed port until `grace` runs out."""
+        if name in (None, "superlink") and self._control is not None:
+            self._control.close()  # an open keep-alive connection holds the SuperLink's graceful shutdown
+            self._control = None
+        if name is not None:
+            self._stop([name], grace)
+            return
+        self._stop([n for n in self.processes if n != "superlink"], grace)
+        self._stop([n for n in self.processes if n == "superlink"], grace)
+
+    def _stop(self, names: list[str], grace: float) -> None:
         for n in names:
             with contextlib.suppress(psutil.Error):
                 self._descendants.update(psutil.Process(self.processes[n].pid).children(recursive=True))

@@ -249,7 +249,6 @@ def _egress(deployment: LoopbackDeployment, site: str, run: str) -> list[dict]:
     return [line for line in map(json.loads, lines) if line["run"] == run]
 
 
-@pytest.mark.long
 def test_a_superlink_restarted_mid_run_fails_the_run_by_name_and_the_next_runs_train(restarted_superlink,
                                                                                    second_study):
     deployment, status = restarted_superlink
