@@ -257,6 +257,8 @@ class LoopbackDeployment:
         try:
             return getattr(self._control, method)(getattr(control_pb2, f"{method}Request")(**request))
         except Exception:  # noqa: BLE001 - not up yet, restarting, or gone: the caller polls again, afresh
+            with contextlib.suppress(Exception):
+                self._control.close()
             self._control = None
             return None
 

@@ -114,6 +114,10 @@ class _MixtureGaussianLoss(privacy_loss_mechanism.MixtureGaussianPrivacyLoss):
         low, high = np.full(losses.shape, float(bounds[0])), np.full(losses.shape, float(bounds[1]))
         while (searching := np.flatnonzero(high - low > precision)).size:
             mid = (low[searching] + high[searching]) / 2
+            if np.any((mid == low[searching]) | (mid == high[searching])):
+                # bounds so far out that floats are coarser than `precision` (an absurd noise multiplier): the
+                # search cannot narrow; the library's recursion then fails as it always did, instead of a hang here
+                return super()._inverse_privacy_losses_with_range(privacy_losses, bounds, precision)
             split = self._privacy_losses(mid)
             below = losses[searching] < split  # the library's branch: its loss lies right of mid
             low[searching[below]], high[searching[~below]] = mid[below], mid[~below]

@@ -141,6 +141,13 @@ def test_a_patients_per_step_distribution_is_dp_accountings_to_the_bit():
     for mine, theirs in ((ours._pmf_remove, library._pmf_remove), (ours._pmf_add, library._pmf_add)):
         assert mine._lower_loss == theirs._lower_loss and mine._infinity_mass == theirs._infinity_mass
         assert mine._probs.tolist() == theirs._probs.tolist()
+    # where floats are too coarse to bisect (an absurd noise multiplier) it ends as the library does, never hangs
+    with pytest.raises(RecursionError):
+        privacy_loss_distribution.from_mixture_gaussian_mechanism(
+            1e6, [0, 1, 2], [float(binom.pmf(j, 2, 0.01)) for j in range(3)],
+            value_discretization_interval=PATIENT_DISCRETIZATION)
+    with pytest.raises(RecursionError):
+        _patient_mechanism.__wrapped__(1e6, 0.01, 2)
 
 
 def test_a_correct_small_epsilon_agrees_with_the_independent_accountant_and_a_wrong_one_does_not():
