@@ -115,7 +115,12 @@ def audit_ledger(path: Path, source: str, report: AuditReport, *, patient_level:
                                        f"{2 * PRV_EPS_ERROR:g} apart)")
                 row.flags.append("epsilon-disagrees")
             if patient_level and entry.unit == "image" and entry.max_images_per_patient > 1:
-                row.epsilon_patient = _patient(history, entry.delta, entry.max_images_per_patient)
+                try:
+                    row.epsilon_patient = _patient(history, entry.delta, entry.max_images_per_patient)
+                except (RecursionError, ArithmeticError, ValueError):  # dp-accounting's answer to absurd values
+                    report.problems.append(f"{where}: its patient-level epsilon cannot be computed from the logged "
+                                           "history (dp-accounting fails on these values)")
+                    row.flags.append("patient-epsilon-uncomputable")
             elif entry.unit == "patient" or entry.max_images_per_patient == 1:
                 row.epsilon_patient = row.epsilon_recomputed
         if entry.epsilon > entry.budget * (1 + 1e-9) or row.epsilon_recomputed > entry.budget * (1 + TOLERANCE):

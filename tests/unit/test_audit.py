@@ -108,6 +108,16 @@ def test_a_noiseless_step_has_no_patient_level_guarantee_as_dp_accounting_says()
     assert patient_level_epsilon(history, 1e-5, 3) == math.inf
 
 
+def test_a_history_whose_patient_level_epsilon_cannot_be_computed_fails_the_audit_by_name(tmp_path: Path):
+    """A ledger entry with an absurd noise multiplier (corrupt or forged) makes dp-accounting's mixture-of-Gaussians
+    construction fail: the audit names the entry and fails, it does not crash."""
+    absurd = entry(1, noise_multiplier=1e9, history=((1e9, RATE, STEPS),), epsilon=0.0, epsilon_independent=0.0)
+    report = audit_run(run_folder(tmp_path, [absurd]))
+    assert not report.ok
+    assert any("patient-level epsilon cannot be computed" in p for p in report.problems), report.problems
+    assert all("patient-epsilon-uncomputable" in row.flags for row in report.rows)
+
+
 def test_patient_level_epsilon_is_dp_accountings_mixture_of_gaussians_accountant():
     """The reused per-step distribution gives what dp-accounting's PLDAccountant gives for the same
     MixtureOfGaussiansDpEvents, over a history of two calibrations."""
